@@ -1,0 +1,310 @@
+"""Self-describing checkpoints: weights in a .safetensors file, their metadata in its header."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from crosskd_cli import __version__
+from crosskd_cli.errors import CheckpointError
+from crosskd_cli.specs import ModelSpec
+
+METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
+KINDS = ("teacher", "student")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+IMPORT_HINT = "Convert foreign weights with `crosskd teacher import FILE --preset NAME`."
+_SHOWN = 5  # names listed per problem in a load_state_into error
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything `crosskd eval FILE` needs besides the weights; JSON in the file header."""
+
+    model: ModelSpec  # rebuilds the architecture
+    class_names: list[str]  # contiguous label -> class name
+    category_ids: list[int]  # contiguous label -> original COCO category id
+    preset: str  # preset name or path the model was trained from
+    val_data: str  # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"
+    image_scale: tuple[int, int]  # test-time keep-ratio resize (long side, short side)
+    eval_batch_size: int  # batch size of the recorded metrics (padding changes AP slightly)
+    crosskd_version: str  # the crosskd that wrote the file
+    kind: str  # "teacher" or "student"
+    training: dict[str, Any] = field(default_factory=dict)  # epochs, method, wall time, ...
+    metrics: dict[str, Any] = field(default_factory=dict)  # coco_metrics of the weights
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=_json_scalar)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<metadata>") -> CheckpointMeta:
+        """Strict parse: a missing or ill-typed field raises CheckpointError naming it and
+        `source`; unknown fields (from a newer crosskd) are ignored."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(
+                f"Checkpoint '{source}' has unreadable crosskd metadata: {err}.",
+                hint="The file header is damaged; use another copy of the checkpoint.",
+            ) from err
+        meta = _parse_dataclass(cls, data, "", source)
+        _check_consistent(meta, source)
+        return meta
+
+    @property
+    def from_newer_crosskd(self) -> bool:
+        """True when a newer major crosskd wrote the file: it loads, but callers may say so."""
+        return _major(self.crosskd_version) > _major(__version__)
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy / torch scalars (a metric or loss left unconverted) as plain Python numbers."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    raise CheckpointError(
+        f"Checkpoint metadata cannot hold a {type(value).__name__} ({value!r}).",
+        hint="Store numbers, strings, lists and dicts in training/metrics.",
+    )
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _parse_dataclass(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """Build dataclass `cls` from JSON data, checking each field against its type hint."""
+    if not isinstance(data, dict):
+        _bad_field(prefix.rstrip(".") or "metadata", "an object", data, source)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            raise CheckpointError(
+                f"Checkpoint '{source}' metadata lacks the field '{name}'.",
+                hint="It was not written by this crosskd; re-save it or import the weights.",
+            )
+        values[f.name] = _parse_value(data[f.name], hints[f.name], name, source)
+    return cls(**values)
+
+
+def _parse_value(value: Any, tp: Any, name: str, source: str) -> Any:
+    """One JSON value as type `tp` (str, int, float, bool, list[X], tuple[...], dict, a
+    dataclass); JSON arrays become tuples where the type says so, ints are accepted as floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, name + ".", source)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            _bad_field(name, _type_name(tp), value, source)
+        if origin is list or args[-1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        elif len(value) != len(args):
+            _bad_field(name, _type_name(tp), value, source)
+        else:
+            item_types = list(args)
+        pairs = enumerate(zip(value, item_types, strict=True))
+        items = [_parse_value(v, t, f"{name}[{i}]", source) for i, (v, t) in pairs]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            _bad_field(name, "an object", value, source)
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int subclass: an int field must not accept true/false, nor a bool field 1.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        _bad_field(name, _type_name(tp), value, source)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
+
+
+def _bad_field(name: str, expected: str, value: Any, source: str) -> typing.NoReturn:
+    raise CheckpointError(
+        f"Checkpoint '{source}' metadata field '{name}' should be {expected}, got {value!r}.",
+        hint="The metadata was edited or written by another tool; re-save the checkpoint.",
+    )
+
+
+def _check_consistent(meta: CheckpointMeta, source: str) -> None:
+    """Fields that must agree with each other, so evaluation cannot mislabel classes."""
+    if meta.kind not in KINDS:
+        _bad_field("kind", " or ".join(repr(k) for k in KINDS), meta.kind, source)
+    counts = (len(meta.class_names), len(meta.category_ids), meta.model.num_classes)
+    if len(set(counts)) != 1:
+        raise CheckpointError(
+            f"Checkpoint '{source}' metadata disagrees on the number of classes: "
+            f"{counts[0]} class_names, {counts[1]} category_ids, model.num_classes {counts[2]}.",
+            hint="Re-save the checkpoint with one entry per class in each list.",
+        )
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: CheckpointMeta) -> None:
+    """Write `state_dict` (moved to CPU, contiguous, tied weights un-shared) with `meta` in the
+    header, atomically: a crash or error leaves either the old file or the new one."""
+    path = Path(path)
+    text = meta.to_json()
+    CheckpointMeta.from_json(text, source=str(path))  # never write a file we cannot read back
+    tensors = _plain_tensors(state_dict)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    try:
+        save_file(tensors, tmp_name, metadata={METADATA_KEY: text})
+        _fsync_file(tmp_name)
+        os.replace(tmp_name, path)
+    except (OSError, SafetensorError) as err:
+        raise _write_error(path, err) from err
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    _fsync_dir(path.parent)
+
+
+def _write_error(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"Could not write checkpoint '{path}': {err}.",
+        hint="Check free disk space and write permission in that folder.",
+    )
+
+
+def _plain_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, detached tensors; safetensors refuses tensors sharing memory (tied
+    weights), so every tensor after the first on a storage is cloned."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(
+                f"State dict entry '{name}' is a {type(value).__name__}, not a tensor.",
+                hint="A checkpoint holds tensors only; put other values in the metadata.",
+            )
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensor = tensor.clone()
+        if tensor.numel():
+            seen.add(storage)
+        out[name] = tensor
+    return out
+
+
+def _fsync_file(name: str) -> None:
+    fd = os.open(name, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX only; Windows cannot open folders)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """The metadata alone, from the file header (no tensor is read)."""
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        hint = (
+            IMPORT_HINT
+            if path.suffix in PICKLE_SUFFIXES
+            else "The file may be truncated or corrupt; copy or re-save it."
+        )
+        raise CheckpointError(f"'{path}' is not a crosskd checkpoint: {err}.", hint=hint) from err
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            f"'{path}' is a safetensors file without crosskd metadata.", hint=IMPORT_HINT
+        )
+    return CheckpointMeta.from_json(header[METADATA_KEY], source=str(path))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """(state dict of CPU tensors, metadata). Safetensors only: nothing is ever unpickled."""
+    meta = read_meta(path)
+    try:
+        state_dict = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"'{path}' is not a crosskd checkpoint: its tensors cannot be read ({err}).",
+            hint="The file may be truncated or corrupt; copy or re-save it.",
+        ) from err
+    return state_dict, meta
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint '{path}' is a folder, not a file.",
+            hint=f"Pass a .safetensors file, e.g. {path / 'best.safetensors'}.",
+        )
+    if not path.exists():
+        raise CheckpointError(
+            f"Checkpoint '{path}' does not exist.",
+            hint="Check the path; runs write best.safetensors and last.safetensors "
+            "in their run folder.",
+        )
+    return path
+
+
+def load_state_into(model: nn.Module, state_dict: dict[str, Tensor], *, source: str) -> None:
+    """Strictly load `state_dict` into `model`, or raise a CheckpointError listing every
+    missing key, unexpected key and shape mismatch (the first few by name, with counts)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (model {tuple(v.shape)}, checkpoint {tuple(state_dict[k].shape)})"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = [
+        _listing(f"{len(names)} {what}", names)
+        for what, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"Weights from '{source}' do not fit the model: " + "; ".join(problems) + ".",
+            hint="The checkpoint was saved from a different architecture; check its model spec "
+            "with `crosskd inspect FILE`.",
+        )
+    with torch.no_grad():
+        model.load_state_dict(state_dict, strict=True)
+
+
+def _listing(title: str, names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
+    return f"{title}: {shown}{more}"

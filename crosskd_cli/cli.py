@@ -1,0 +1,88 @@
+"""The `crosskd` Typer app: one explicit command list and the only error boundary."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from crosskd_cli import __version__
+from crosskd_cli.commands import distill, inspect, teacher
+from crosskd_cli.commands import eval as eval_cmd
+from crosskd_cli.errors import CrossKDError
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="crosskd",
+    help=(
+        "Cross-Head Knowledge Distillation for dense object detectors.\n\n"
+        "Train or import a teacher, distill a student with CrossKD, evaluate it, and inspect "
+        "what the cross-head branch reuses. Every command runs offline on the built-in data "
+        "(--data builtin:shapes)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a CrossKDError into one red line plus a dim hint and exit code 2.
+
+    Any other exception is a bug and keeps its traceback. CROSSKD_DEBUG=1 shows the traceback of
+    user errors too.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CrossKDError as exc:
+            if os.environ.get("CROSSKD_DEBUG"):
+                raise
+            err_console.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+            if exc.hint:
+                err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"crosskd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Cross-Head Knowledge Distillation for dense object detectors."""
+
+
+# The command list: one place, in the order a user meets them.
+teacher_app = typer.Typer(help=teacher.__doc__, no_args_is_help=False, invoke_without_command=True)
+teacher_app.callback(invoke_without_command=True)(error_boundary(teacher.train))
+teacher_app.command("import")(error_boundary(teacher.import_weights))
+app.add_typer(teacher_app, name="teacher")
+app.command("distill")(error_boundary(distill.distill))
+app.command("eval")(error_boundary(eval_cmd.evaluate))
+app.command("inspect")(error_boundary(inspect.inspect))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

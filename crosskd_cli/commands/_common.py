@@ -1,0 +1,93 @@
+"""Small pieces shared by the training commands: data resolution and the closing summary."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from crosskd_cli.config import Preset
+from crosskd_cli.data import DataSource, resolve_data
+from crosskd_cli.errors import DataError, RunError
+
+
+def data_source(
+    data: str | None,
+    preset: Preset,
+    train_ann: Path | None,
+    train_images: Path | None,
+    val_ann: Path | None,
+    val_images: Path | None,
+) -> DataSource:
+    """--data, else the custom paths, else the preset's own default data."""
+    custom = any(p is not None for p in (train_ann, train_images, val_ann, val_images))
+    spec = data if data is not None or custom else preset.data.source
+    if spec is None and not custom:
+        raise DataError(
+            f"Preset '{preset.name}' names no data set and no --data was given.",
+            hint="Add --data /path/to/coco (COCO layout), --data builtin:shapes, or "
+            "--train-ann/--train-images/--val-ann/--val-images.",
+        )
+    return resolve_data(
+        spec,
+        train_ann=train_ann,
+        train_images=train_images,
+        val_ann=val_ann,
+        val_images=val_images,
+    )
+
+
+def command_line() -> str:
+    """The command as the user typed it, for 'resume with ...' hints."""
+    return shlex.join(["crosskd", *sys.argv[1:]])
+
+
+def print_run_summary(console: Console, run, state) -> None:
+    metrics = state.metrics
+    table = Table(title=f"Run {run.root}", show_header=True)
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        table.add_column(name, justify="right")
+    table.add_row(
+        *(
+            f"{metrics.get(k, float('nan')):.1f}"
+            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        )
+    )
+    console.print(table)
+    console.print(
+        f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
+        f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
+        f"{run.results.name}, {run.config.name}."
+    )
+
+
+def refuse_to_clobber(paths: list[Path]) -> None:
+    taken = [p for p in paths if p.exists()]
+    if taken:
+        raise RunError(
+            f"{taken[0]} already exists.",
+            hint="Add --overwrite to replace it, or pick another --out.",
+        )
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )

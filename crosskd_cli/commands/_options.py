@@ -1,0 +1,82 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+PresetOpt = Annotated[
+    str,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="A shipped preset name (see `crosskd inspect --list-presets`) "
+        "or a path to a YAML file.",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="A COCO-layout folder (annotations/instances_{train,val}2017.json, train2017/, "
+        "val2017/) or built-in data such as builtin:shapes or builtin:shapes:seed=3,images=2000.",
+    ),
+]
+TrainAnnOpt = Annotated[
+    Path | None, typer.Option("--train-ann", help="Custom data: COCO json of the train split.")
+]
+TrainImagesOpt = Annotated[
+    Path | None, typer.Option("--train-images", help="Custom data: folder of train images.")
+]
+ValAnnOpt = Annotated[
+    Path | None, typer.Option("--val-ann", help="Custom data: COCO json of the val split.")
+]
+ValImagesOpt = Annotated[
+    Path | None, typer.Option("--val-images", help="Custom data: folder of val images.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override any preset field, e.g. --set train.epochs=3 --set data.scale=[640,480]. "
+        "Repeatable.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Run folder. Default: runs/<command>/<preset>, numbered -2, -3... if it exists.",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run from its last/ state (the latest run of "
+        "this preset, or --out).",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing, non-empty --out folder.")
+]
+BackboneWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--backbone-weights",
+        help="A local torchvision ImageNet state dict (.pth) to start the backbone from; "
+        "without it the backbone trains from scratch.",
+    ),
+]
+SkipBadImagesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-images",
+        help="Skip unreadable images (and count them) instead of stopping at the first one.",
+    ),
+]

@@ -1,0 +1,123 @@
+"""`crosskd eval CKPT`: COCO bbox metrics of a crosskd checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from crosskd_cli.commands._common import progress_bar, refuse_to_clobber
+from crosskd_cli.commands._options import DataOpt, ValAnnOpt, ValImagesOpt
+from crosskd_cli.metrics import metrics_table, per_class_table
+from crosskd_cli.runs import write_json
+
+console = Console()
+
+
+def evaluate(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A crosskd .safetensors checkpoint (teacher or student).")
+    ],
+    data: DataOpt = None,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option(help="COCO evaluator: faster (faster-coco-eval) or pycocotools (official)."),
+    ] = "faster",
+    per_class: Annotated[
+        bool, typer.Option("--per-class", help="Also print AP per class.")
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per batch. Default: the batch size the checkpoint was "
+            "evaluated with, which reproduces its recorded AP exactly."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for predictions.json and metrics.json. "
+            "Default: eval-<checkpoint name>/ beside the checkpoint.",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace predictions.json/metrics.json in --out.")
+    ] = False,
+) -> None:
+    """Evaluate a checkpoint on COCO-format validation data and print the COCO metrics.
+
+    With no --data, evaluates on the validation data recorded in the checkpoint.
+
+    Example: crosskd eval runs/distill/shapes-gfl-r50-to-r18/best.safetensors
+    """
+    from crosskd_cli.evaluate import evaluate_checkpoint
+
+    source = eval_data_source(checkpoint, data, val_ann, val_images, console)
+    out = out or checkpoint.parent / f"eval-{checkpoint.stem}"
+    targets = [out / "predictions.json", out / "metrics.json"]
+    if out != checkpoint.parent / f"eval-{checkpoint.stem}" and not overwrite:
+        refuse_to_clobber(targets)
+    with progress_bar(console) as bar:
+        task = bar.add_task("eval", total=None)
+        report = evaluate_checkpoint(
+            checkpoint,
+            source,
+            batch_size=batch_size,
+            backend=backend,
+            per_class=per_class,
+            on_start=lambda n: bar.update(task, total=n),
+            on_batch=lambda n: bar.advance(task, n),
+        )
+    write_json(targets[0], report.results)
+    write_json(
+        targets[1],
+        {
+            "checkpoint": str(checkpoint),
+            "data": source.spec,
+            "backend": backend,
+            "batch_size": report.batch_size,
+            **report.metrics,
+        },
+    )
+    console.print(
+        metrics_table(
+            report.metrics,
+            f"{checkpoint.name} on {source.spec} ({report.num_images} images, {backend})",
+        )
+    )
+    if per_class:
+        console.print(per_class_table(report.metrics["per_class"]))
+    recorded = report.meta.metrics.get("AP")
+    if recorded is not None and source.spec == report.meta.val_data:
+        console.print(
+            f"[dim]AP recorded in the checkpoint: {recorded:.3f}; now: "
+            f"{report.metrics['AP']:.3f}.[/]"
+        )
+    console.print(f"Wrote {targets[0]} and {targets[1]}.")
+
+
+def eval_data_source(
+    checkpoint: Path,
+    data: str | None,
+    val_ann: Path | None,
+    val_images: Path | None,
+    console: Console,
+):
+    """--data or --val-ann/--val-images, else the validation data recorded in the checkpoint."""
+    from crosskd_cli.checkpoint import read_meta
+    from crosskd_cli.data import resolve_data
+
+    if data is None and val_ann is None and val_images is None:
+        meta = read_meta(checkpoint)
+        console.print(
+            f"No --data given: evaluating on the checkpoint's validation data "
+            f"[cyan]{meta.val_data}[/]."
+        )
+        data = meta.val_data
+    return resolve_data(data, val_ann=val_ann, val_images=val_images)

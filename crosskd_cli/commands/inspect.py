@@ -1,0 +1,271 @@
+"""`crosskd inspect`: head layer shapes, parameter counts, and what the cross branch reuses."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crosskd_cli.config import DEFAULT_PAIR, list_presets, load_preset, to_dict
+from crosskd_cli.errors import CrossKDError
+
+console = Console()
+
+
+def inspect(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Inspect a crosskd .safetensors checkpoint instead.")
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            "-p",
+            help="A pair preset (teacher + student) or a detector preset, by name or YAML path.",
+        ),
+    ] = DEFAULT_PAIR,
+    cross_index: Annotated[
+        int | None,
+        typer.Option(
+            "--cross-index",
+            "-i",
+            help="Student tap fed to the teacher head (0..stacked_convs). Default: the preset's.",
+        ),
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="Input HxW, e.g. 800x1333 (padded to /32). Default: the preset's resize scale.",
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    list_only: Annotated[
+        bool, typer.Option("--list-presets", help="List shipped presets.")
+    ] = False,
+    env: Annotated[bool, typer.Option("--env", help="Show versions and devices.")] = False,
+) -> None:
+    """Show a pair's head layers per tower with their shapes, parameter counts, which teacher
+    layers the cross branch reuses at --cross-index, and whether the pair is compatible.
+
+    Shapes are worked out on the meta device: instant even for R101 at 800x1333.
+
+    Example: crosskd inspect --preset gfl-r101-to-r50 --cross-index 3
+    """
+    from crosskd_cli.inspection import describe_model
+    from crosskd_cli.pairing import check_cross_index, pair_problems
+
+    if fmt not in ("table", "json"):
+        raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
+    if env:
+        _print_env()
+        return
+    if list_only:
+        _print_presets()
+        return
+    if checkpoint is not None:
+        from crosskd_cli.checkpoint import read_meta
+
+        meta = read_meta(checkpoint)
+        size = _parse_size(image_size, meta.image_scale)
+        report = describe_model(meta.model, size)
+        if fmt == "json":
+            typer.echo(
+                json.dumps(
+                    {
+                        "checkpoint": str(checkpoint),
+                        "meta": to_dict(meta),
+                        "model": _report_json(report),
+                    },
+                    indent=2,
+                )
+            )
+            return
+        console.print(_head_table(report, f"{checkpoint.name} ({meta.kind})", None, None))
+        console.print(_params_table({"model": report.params}))
+        console.print(
+            f"Classes: {len(meta.class_names)}; validation data: {meta.val_data}; "
+            f"recorded AP: {meta.metrics.get('AP', 'n/a')}"
+        )
+        return
+    spec = load_preset(preset)
+    size = _parse_size(image_size, spec.data.scale)
+    student = describe_model(spec.model, size)
+    if not spec.is_pair:
+        if fmt == "json":
+            typer.echo(json.dumps({"preset": spec.name, "model": _report_json(student)}, indent=2))
+        else:
+            console.print(_head_table(student, f"{spec.name}: {spec.model.backbone}", None, None))
+            console.print(_params_table({"model": student.params}))
+        return
+    index = spec.distill.cross_index if cross_index is None else cross_index
+    teacher_spec = load_preset(spec.teacher.preset).model
+    check_cross_index(index, teacher_spec, spec.model)
+    teacher = describe_model(teacher_spec, size)
+    problems = pair_problems(teacher_spec, spec.model, index)
+    reused = [row.name for row in teacher.layers if row.block is None or row.block > index]
+    if fmt == "json":
+        typer.echo(
+            json.dumps(
+                {
+                    "preset": spec.name,
+                    "cross_index": index,
+                    "image_size": list(size),
+                    "teacher": _report_json(teacher),
+                    "student": _report_json(student),
+                    "reused_teacher_layers": reused,
+                    "compatible": not problems,
+                    "problems": problems,
+                },
+                indent=2,
+            )
+        )
+        return
+    console.print(
+        f"[bold]{spec.name}[/]: teacher {teacher_spec.backbone} -> student {spec.model.backbone}"
+        f", {spec.model.family} head, cross index [bold]{index}[/], input {size[0]}x{size[1]}"
+    )
+    console.print(_head_table(teacher, f"Teacher head ({teacher_spec.backbone})", index, "teacher"))
+    console.print(_head_table(student, f"Student head ({spec.model.backbone})", index, "student"))
+    console.print(_params_table({"teacher": teacher.params, "student": student.params}))
+    console.print(_cross_summary(index, spec.model.stacked_convs))
+    if problems:
+        console.print("[bold red]Incompatible pair:[/] " + "; ".join(problems))
+    else:
+        console.print(
+            "[bold green]Compatible:[/] same classes, levels, strides, anchors, "
+            "reg_max and tap width."
+        )
+    console.print(f"[dim]Presets: {', '.join(list_presets())}[/]")
+
+
+def _parse_size(text: str | None, scale: tuple[int, int]) -> tuple[int, int]:
+    if text is None:
+        return (min(scale), max(scale))
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h <= 0 or w <= 0:
+            raise ValueError
+    except ValueError:
+        raise CrossKDError(
+            f"--image-size '{text}' is not HEIGHTxWIDTH.", hint="Example: --image-size 800x1333"
+        ) from None
+    return (h, w)
+
+
+def _head_table(report, title: str, index: int | None, side: str | None) -> Table:
+    levels = [f"P{3 + k}" for k in range(len(report.level_shapes))]
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer")
+    table.add_column("out ch", justify="right")
+    for level in levels:
+        table.add_column(f"{level} HxW", justify="right")
+    table.add_column("params", justify="right")
+    if side:
+        table.add_column("cross branch")
+    first = (
+        "FPN input",
+        str(report.level_shapes[0][0]),
+        *(f"{s[1]}x{s[2]}" for s in report.level_shapes),
+        "",
+    )
+    table.add_row(*first, *([_role(None, index, side, tap0=True)] if side else []))
+    for row in report.layers:
+        shapes = row.shapes
+        per_level = [f"{s[1]}x{s[2]}" if len(s) == 3 else "-" for s in shapes]
+        if len(per_level) == 1:  # a per-level Scale runs on one level only
+            per_level = per_level + [""] * (len(levels) - 1)
+        cells = [
+            row.name,
+            str(shapes[0][0]) if shapes[0] else "1",
+            *per_level[: len(levels)],
+            f"{row.params:,}",
+        ]
+        table.add_row(*cells, *([_role(row, index, side)] if side else []))
+    return table
+
+
+def _role(row, index: int, side: str, tap0: bool = False) -> str:
+    if tap0:
+        return "[bold]tap (i=0)[/]" if index == 0 and side == "student" else ""
+    block = row.block
+    if side == "teacher":
+        return "[green]reused[/]" if block is None or block > index else ""
+    if block == index and row.name.endswith("norm"):
+        return f"[bold]tap (i={index})[/]"
+    return "[dim]GT only[/]" if block is None or block > index else ""
+
+
+def _params_table(params: dict[str, dict[str, int]]) -> Table:
+    table = Table(title="Parameters", title_justify="left")
+    table.add_column("part")
+    for name in params:
+        table.add_column(name, justify="right")
+    for part in next(iter(params.values())):
+        table.add_row(part, *(f"{p[part]:,}" for p in params.values()))
+    return table
+
+
+def _cross_summary(index: int, blocks: int) -> str:
+    if index == blocks:
+        return f"Cross branch: student tap {index} -> aligned -> ReLU -> teacher predictors only."
+    start = "the FPN feature" if index == 0 else f"student tap {index} -> aligned -> ReLU"
+    return (
+        f"Cross branch: {start} -> teacher blocks {index + 1}..{blocks} -> teacher predictors "
+        "(Scale included). Student blocks after the tap and its predictors learn from the "
+        "ground truth only."
+    )
+
+
+def _report_json(report) -> dict:
+    return {
+        "spec": to_dict(report.spec),
+        "params": report.params,
+        "fpn_levels": [list(s) for s in report.level_shapes],
+        "layers": [
+            {"name": r.name, "params": r.params, "shapes": [list(s) for s in r.shapes]}
+            for r in report.layers
+        ],
+    }
+
+
+def _print_presets() -> None:
+    table = Table(title="Presets", title_justify="left")
+    table.add_column("name")
+    table.add_column("kind")
+    table.add_column("description")
+    for name in list_presets():
+        spec = load_preset(name)
+        table.add_row(name, "pair" if spec.is_pair else "detector", spec.description)
+    console.print(table)
+
+
+def _print_env() -> None:
+    import accelerate
+    import torch
+    import torchvision
+
+    from crosskd_cli import __version__
+
+    table = Table(title="Environment", title_justify="left", show_header=False)
+    for key, value in [
+        ("crosskd", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torchvision", torchvision.__version__),
+        ("accelerate", accelerate.__version__),
+        ("cuda available", str(torch.cuda.is_available())),
+        (
+            "devices",
+            ", ".join(torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count()))
+            or "cpu",
+        ),
+        ("cpu threads", str(torch.get_num_threads())),
+    ]:
+        table.add_row(key, value)
+    console.print(table)

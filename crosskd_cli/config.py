@@ -1,0 +1,270 @@
+"""Presets: YAML files -> typed, frozen dataclasses, with strict validation and `--set` overrides.
+
+No torch here, so `crosskd --help` and preset errors stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosskd_cli.errors import PresetError
+from crosskd_cli.specs import ModelSpec
+
+DEFAULT_PAIR = "gfl-r101-to-r50"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are fed; where they come from is `--data` (or `source` for built-in presets)."""
+
+    source: str | None = None  # default --data, e.g. "builtin:shapes" for CPU presets
+    scale: tuple[int, int] = (1333, 800)  # keep-ratio resize to fit (long side, short side)
+    flip_prob: float = 0.5  # horizontal flip probability while training
+    num_workers: int = 2  # DataLoader worker processes
+    skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The schedule of METHOD.md §4 (MMDetection's 1x by default)."""
+
+    epochs: int = 12  # training length in epochs, unless max_iters is set
+    max_iters: int | None = None  # train for exactly this many iterations instead of epochs
+    batch_size: int = 2  # images per process
+    lr: float = 0.01  # learning rate for a total batch of base_batch_size
+    base_batch_size: int = 16  # lr scales linearly with total batch / this
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500  # linear warm-up length
+    warmup_ratio: float = 0.001  # warm-up starts at lr * this
+    milestones: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters is set) of x gamma
+    gamma: float = 0.1
+    grad_clip: float | None = None  # max gradient norm, None = no clipping
+    eval_interval: int = 0  # evaluate every N epochs (0 = only at the end)
+    eval_batch_size: int = 8  # per process; recorded in checkpoints so `eval` matches exactly
+    mixed_precision: str = "no"  # no, fp16 or bf16 (Accelerate)
+    seed: int = 0  # model initialisation and data order
+    log_interval: int = 10  # iterations between loss syncs for logging
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """CrossKD and the baselines it is compared with (METHOD.md §2-§3)."""
+
+    method: str = "crosskd"  # crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic, none
+    cross_index: int = 3  # student tap index fed to the teacher head, 0..stacked_convs
+    cls_kd: str = "qfl"  # qfl (paper Eq. 7), bce (Table 11) or none (Table 3: reg only)
+    box_kd: bool = True  # False: KD on classification only (Table 3)
+    align: bool = True  # standardise the student tap to the teacher tap's statistics
+    region_weight: str = "soft"  # soft (teacher max class prob) or hard (GT foreground)
+    cls_weight: float = 1.0
+    box_weight: float = 4.0  # GFL KL box-distribution KD
+    pkd_weight: float = 6.0  # GFL
+    beta: float = 1.0  # modulating exponent of the QFL-style cls KD
+    temperature: float = 1.0  # KL box KD temperature
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """Where a pair preset's teacher comes from: a detector preset and, ideally, its weights."""
+
+    preset: str  # a detector preset naming the teacher's model
+    weights: str | None = None  # local crosskd .safetensors; None = must be given by --teacher
+    how_to_get: str = ""  # shown when the weights are missing
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A detector preset (for `teacher`) or a pair preset (for `distill`, with `teacher` set)."""
+
+    name: str
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)  # the detector trained (pair: student)
+    teacher: TeacherRef | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: dict[str, Any] = field(default_factory=dict)  # the paper's numbers, not ours
+
+    @property
+    def is_pair(self) -> bool:
+        return self.teacher is not None
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def presets_dir() -> Path:
+    """The shipped presets: inside the installed package, or `presets/` of a source checkout."""
+    shipped = resources.files("crosskd_cli") / "presets"
+    if shipped.is_dir() and any(p.name.endswith(".yaml") for p in shipped.iterdir()):
+        return Path(str(shipped))
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
+    """Load a shipped preset by name or a YAML file by path, then apply `key=value` overrides."""
+    path = _locate(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(raw, dict):
+        raise PresetError(f"Preset file {path} must hold a mapping, got {type(raw).__name__}.")
+    raw.setdefault("name", path.stem)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(Preset, raw, str(path))
+
+
+def _locate(name_or_path: str) -> Path:
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise PresetError(
+                f"Preset file '{name_or_path}' does not exist.",
+                hint=f"Shipped presets: {', '.join(list_presets())}",
+            )
+        return candidate
+    shipped = presets_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name_or_path, list_presets(), n=1, cutoff=0.5)
+    suggestion = f"Did you mean '{close[0]}'? " if close else ""
+    raise PresetError(
+        f"Preset '{name_or_path}' not found.",
+        hint=f"{suggestion}Run `crosskd inspect --list-presets`, or pass a path to a YAML file.",
+    )
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b=value` override (value parsed as a YAML scalar/list) to a raw preset dict."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise PresetError(
+            f"Override '{item}' is not of the form key=value.",
+            hint="Example: --set train.epochs=3 --set distill.cross_index=2",
+        )
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as exc:
+        raise PresetError(f"Override '{item}': value '{text}' is not valid YAML.") from exc
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise PresetError(f"Override '{item}': '{part}' is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+# ------------------------------------------------------------------ strict conversion
+
+
+def from_dict(cls: type, data: Any, where: str, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, naming the dotted path of any unknown or ill-typed key."""
+    if not isinstance(data, dict):
+        raise PresetError(
+            f"{where}: '{path or cls.__name__}' must be a mapping, got {data!r}.",
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        dotted = f"{path}.{key}" if path else key
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f"Did you mean '{close[0]}'?" if close else f"Valid keys: {', '.join(fields)}"
+        raise PresetError(f"{where}: unknown key '{dotted}'.", hint=hint)
+    kwargs = {}
+    for name, value in data.items():
+        dotted = f"{path}.{name}" if path else name
+        kwargs[name] = _convert(hints[name], value, where, dotted)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise PresetError(f"{where}: missing key '{path + '.' if path else ''}{missing[0]}'.")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where, dotted)
+            except PresetError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, dotted)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _type_error(where, dotted, "a list", value)
+        item_type = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(
+                _convert(item_type, v, where, f"{dotted}[{i}]") for i, v in enumerate(value)
+            )
+        if len(value) != len(args):
+            _type_error(where, dotted, f"a list of {len(args)} items", value)
+        return tuple(
+            _convert(a, v, where, f"{dotted}[{i}]")
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            _type_error(where, dotted, "a mapping", value)
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    _type_error(where, dotted, tp.__name__, value)
+
+
+def _type_error(where: str, dotted: str, expected: str, value: Any) -> typing.NoReturn:
+    raise PresetError(
+        f"{where}: '{dotted}' must be {expected}, got {value!r}.",
+        hint=f"Fix it in the preset or with --set {dotted}=VALUE",
+    )
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,200 @@
+"""The distiller: a frozen teacher beside a training student, and the CrossKD step.
+
+The cross-head forward (METHOD.md §2): the student's tap i of both towers, aligned to the
+teacher tap's per-channel statistics and passed through ReLU when i > 0, continues through the
+teacher's blocks i+1.. and predictors. Those cross-head predictions mimic the teacher's; the
+student's own predictions answer to the ground truth only (unless `mimic` is asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from crosskd_cli.config import DistillConfig
+from crosskd_cli.errors import ModelError
+from crosskd_cli.losses import bce_kd_loss, kl_box_kd_loss, pkd_loss, qfl_kd_loss
+from crosskd_cli.structures import Batch, HeadOutput
+from crosskd_cli.targets import flatten_levels
+
+METHODS = ("crosskd", "mimic", "pkd", "crosskd+pkd", "crosskd+mimic", "none")
+ALIGN_EPS = 1e-6
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MethodParts:
+    """Which terms a method switches on."""
+
+    cross: bool
+    mimic: bool
+    pkd: bool
+
+    @classmethod
+    def of(cls, method: str) -> MethodParts:
+        if method not in METHODS:
+            raise ModelError(
+                f"Method '{method}' is not known.", hint=f"Choose one of: {', '.join(METHODS)}."
+            )
+        parts = method.split("+")
+        return cls("crosskd" in parts, "mimic" in parts, "pkd" in parts)
+
+
+def align_tap(student_tap: Tensor, teacher_tap: Tensor) -> Tensor:
+    """Give the student tap the teacher tap's per-channel mean and std over (N, H, W).
+
+    The student's statistics stay differentiable; the teacher's are constants. Unbiased std
+    plus 1e-6, as METHOD.md §2.4 pins.
+    """
+    dims = (0, 2, 3)
+    s_mean = student_tap.mean(dim=dims, keepdim=True)
+    s_std = student_tap.std(dim=dims, keepdim=True) + ALIGN_EPS
+    t_mean = teacher_tap.mean(dim=dims, keepdim=True).detach()
+    t_std = teacher_tap.std(dim=dims, keepdim=True).detach() + ALIGN_EPS
+    return (student_tap - s_mean) / s_std * t_std + t_mean
+
+
+def cross_head_forward(
+    teacher_head: nn.Module,
+    index: int,
+    student_cls_taps: list[Tensor],
+    student_reg_taps: list[Tensor],
+    teacher_cls_taps: list[Tensor],
+    teacher_reg_taps: list[Tensor],
+    align: bool = True,
+) -> HeadOutput:
+    """Student taps at `index` -> (align) -> (ReLU if index > 0) -> rest of the teacher head.
+
+    Runs with autograd on: the teacher's weights are frozen (requires_grad False) but the
+    gradient must flow through them back into the student's tap.
+    """
+
+    def prepare(student: Tensor, teacher: Tensor) -> Tensor:
+        x = align_tap(student, teacher) if align else student
+        return torch.relu(x) if index > 0 else x
+
+    cls_in = [prepare(s, t) for s, t in zip(student_cls_taps, teacher_cls_taps, strict=True)]
+    reg_in = [prepare(s, t) for s, t in zip(student_reg_taps, teacher_reg_taps, strict=True)]
+    return teacher_head.forward_from(index, cls_in, reg_in)
+
+
+class GFLKDLoss:
+    """The GFL prediction-mimicking losses of METHOD.md §3, for one (prediction, teacher) pair."""
+
+    def __init__(self, cfg: DistillConfig, reg_max: int, reduce_mean: Reduce | None = None):
+        self.cfg = cfg
+        self.reg_max = reg_max
+        self.reduce_mean = reduce_mean or (lambda t: t)
+
+    def __call__(
+        self,
+        pred_cls: Tensor,
+        pred_box: Tensor,
+        teacher_cls: Tensor,
+        teacher_box: Tensor,
+        label_weights: Tensor,
+        pos_mask: Tensor,
+        num_pos: Tensor,
+        prefix: str,
+    ) -> dict[str, Tensor]:
+        """Flattened inputs: cls (B, A, C), box (B, A, 4*(reg_max+1)), weights/masks (B, A).
+
+        `num_pos` is already averaged over processes and clamped to >= 1.
+        """
+        cfg, losses = self.cfg, {}
+        if cfg.cls_kd != "none":
+            kd = qfl_kd_loss if cfg.cls_kd == "qfl" else bce_kd_loss
+            kwargs = {"beta": cfg.beta} if cfg.cls_kd == "qfl" else {}
+            cls_sum = kd(pred_cls, teacher_cls, label_weights, **kwargs)
+            losses[f"{prefix}_cls"] = cfg.cls_weight * cls_sum / num_pos
+        if cfg.box_kd:
+            if cfg.region_weight == "soft":
+                region = torch.sigmoid(teacher_cls.detach().max(dim=-1).values) * label_weights
+            else:
+                region = pos_mask.to(pred_box.dtype) * label_weights
+            box_sum = kl_box_kd_loss(
+                pred_box, teacher_box, region, T=cfg.temperature, reg_max=self.reg_max
+            )
+            norm = self.reduce_mean(region.sum().detach()).clamp(min=ALIGN_EPS)
+            losses[f"{prefix}_box"] = cfg.box_weight * box_sum / norm
+        return losses
+
+
+class Distiller:
+    """Holds the frozen teacher and computes one distillation step's losses.
+
+    The teacher is placed by the caller (eval mode, requires_grad False, outside the optimizer,
+    DDP and checkpoints); only the student is ever handed to the optimizer.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        criterion: Callable,
+        cfg: DistillConfig,
+        reduce_mean: Reduce | None = None,
+    ) -> None:
+        self.teacher = teacher
+        self.criterion = criterion
+        self.cfg = cfg
+        self.parts = MethodParts.of(cfg.method)
+        self.reduce_mean = reduce_mean
+        self.kd = GFLKDLoss(cfg, teacher.spec.reg_max, reduce_mean)
+
+    @property
+    def tap_index(self) -> int | None:
+        return self.cfg.cross_index if self.parts.cross else None
+
+    def loss_names(self) -> tuple[str, ...]:
+        """Names of the distillation terms, watched for staying at exactly zero."""
+        names = []
+        for prefix, on in (("kd_cross", self.parts.cross), ("kd_mimic", self.parts.mimic)):
+            if on:
+                names += [f"{prefix}_cls"] * (self.cfg.cls_kd != "none")
+                names += [f"{prefix}_box"] * self.cfg.box_kd
+        return tuple(names) + (("kd_pkd",) if self.parts.pkd else ())
+
+    def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """GT losses on the student's own predictions, KD losses as the method says."""
+        index = self.tap_index
+        with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
+            teacher_out = self.teacher(batch.images, batch.image_sizes, tap_index=index)
+        student_out = student(batch.images, batch.image_sizes, tap_index=index)
+        losses, targets, student_flat = self.criterion(
+            student_out.head, batch.targets, batch.image_sizes, self.reduce_mean
+        )
+        if not (self.parts.cross or self.parts.mimic or self.parts.pkd):
+            return losses
+        teacher_cls = flatten_levels(teacher_out.head.cls_logits)
+        teacher_box = flatten_levels(teacher_out.head.box_preds)
+        common = (
+            teacher_cls,
+            teacher_box,
+            targets.label_weights,
+            targets.pos_mask,
+            targets.num_pos,
+        )
+        if self.parts.cross:
+            t_head, s_head = teacher_out.head, student_out.head
+            cross = cross_head_forward(
+                self.teacher.head,
+                index,
+                s_head.cls_taps,
+                s_head.reg_taps,
+                t_head.cls_taps,
+                t_head.reg_taps,
+                align=self.cfg.align,
+            )
+            cross_cls = flatten_levels(cross.cls_logits)
+            cross_box = flatten_levels(cross.box_preds)
+            losses.update(self.kd(cross_cls, cross_box, *common, prefix="kd_cross"))
+        if self.parts.mimic:
+            losses.update(self.kd(student_flat.cls, student_flat.box, *common, prefix="kd_mimic"))
+        if self.parts.pkd:
+            losses["kd_pkd"] = self.cfg.pkd_weight * pkd_loss(
+                student_out.features, teacher_out.features
+            )
+        return losses

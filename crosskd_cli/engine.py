@@ -1,0 +1,301 @@
+"""The one training loop, on Accelerate, shared by `crosskd teacher` and `crosskd distill`.
+
+The loop knows nothing about detection: a `step_fn(model, batch) -> {name: loss}` computes the
+losses, an `evaluate_fn(model) -> metrics` measures, and a `save_fn(model, name, metrics)`
+writes a checkpoint. The only module that imports accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import Tensor, nn
+
+from crosskd_cli.config import TrainConfig
+from crosskd_cli.errors import RunError
+from crosskd_cli.runs import TRAINER_STATE, RunDir, append_results, write_json
+
+StepFn = Callable[[nn.Module, Any], dict[str, Tensor]]
+EvalFn = Callable[[nn.Module], dict[str, Any]]
+SaveFn = Callable[[nn.Module, str, dict[str, Any]], None]
+ZERO_WATCH_ITERS = 20  # a KD term still exactly zero after this many iterations is reported
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is; saved beside Accelerate's state so a run resumes mid-epoch."""
+
+    epoch: int = 0  # current epoch, 0-based
+    epoch_step: int = 0  # iterations finished inside the current epoch
+    iteration: int = 0  # iterations finished in total
+    best_ap: float = -1.0
+    best_epoch: int = -1
+    wall_time: float = 0.0  # seconds of training so far, over all sessions
+    metrics: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """One Accelerator per run: device, processes, mixed precision, seedable data order."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # the schedule is per iteration, stepped by hand
+    )
+    set_seed(cfg.seed, device_specific=False)
+    return accelerator
+
+
+def scaled_lr(cfg: TrainConfig, num_processes: int) -> float:
+    """Linear scaling rule: lr is given for `base_batch_size` images per step."""
+    return cfg.lr * cfg.batch_size * num_processes / cfg.base_batch_size
+
+
+def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up from `warmup_ratio`, then x gamma at each milestone (epochs or iterations)."""
+    unit = 1 if cfg.max_iters else iters_per_epoch
+    milestones = [m * unit for m in cfg.milestones]
+
+    def factor(it: int) -> float:
+        decay = cfg.gamma ** sum(it >= m for m in milestones)
+        if it < cfg.warmup_iters:
+            k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+            return decay * (1 - k)
+        return decay
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Runs `fit` for one run folder; every process builds one, only the main one writes."""
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, run: RunDir, console: Console):
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.run = run
+        self.console = console
+        self.state = TrainerState()
+        self.resume_hint = ""  # the command that resumes this run, shown on interruption
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """Place a frozen model (the teacher): on the device, eval mode, never DDP-wrapped."""
+        model.requires_grad_(False)
+        return self.accelerator.prepare_model(model.eval(), evaluation_mode=True)
+
+    def fit(
+        self,
+        model: nn.Module,
+        step_fn: StepFn,
+        train_loader: torch.utils.data.DataLoader,
+        evaluate_fn: EvalFn,
+        save_fn: SaveFn,
+        *,
+        resume: bool = False,
+        watch_zero: tuple[str, ...] = (),
+    ) -> TrainerState:
+        """Train `model` to the end of the schedule, evaluating and checkpointing on the way."""
+        acc = self.accelerator
+        iters_per_epoch = len(train_loader)
+        if iters_per_epoch == 0:
+            raise RunError(
+                "The training data gives no batch: fewer training images than the batch size.",
+                hint="Lower --set train.batch_size or use more training images.",
+            )
+        total = self.cfg.max_iters or self.cfg.epochs * iters_per_epoch
+        lr = scaled_lr(self.cfg, acc.num_processes)
+        optimizer = build_optimizer(model, self.cfg, lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(self.cfg, iters_per_epoch)
+        )
+        model, optimizer, train_loader, scheduler = acc.prepare(
+            model, optimizer, train_loader, scheduler
+        )
+        if resume:
+            self._load_state()
+        watcher = ZeroWatch(watch_zero)
+        with self._progress() as progress:
+            task = progress.add_task(
+                "train", total=total, completed=self.state.iteration, losses=""
+            )
+            while self.state.iteration < total:
+                self._train_epoch(
+                    model,
+                    step_fn,
+                    train_loader,
+                    optimizer,
+                    scheduler,
+                    total,
+                    progress,
+                    task,
+                    watcher,
+                )
+                if self.state.epoch_step >= iters_per_epoch or self.state.iteration >= total:
+                    self._end_epoch(model, evaluate_fn, save_fn, total)
+        return self.state
+
+    # --------------------------------------------------------------------- one epoch
+
+    def _train_epoch(
+        self, model, step_fn, loader, optimizer, scheduler, total, progress, task, watcher
+    ) -> None:
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        loader.set_epoch(state.epoch)
+        batches = acc.skip_first_batches(loader, state.epoch_step) if state.epoch_step else loader
+        sums: dict[str, Tensor] = {}
+        count = 0
+        started = time.perf_counter()
+        model.train()
+        try:
+            for batch in batches:
+                with acc.autocast():  # covers the teacher too, which is not wrapped
+                    losses = step_fn(model, batch)
+                loss = sum(losses.values())
+                acc.backward(loss)
+                if cfg.grad_clip:
+                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                count += 1
+                state.iteration += 1
+                state.epoch_step += 1
+                if state.iteration % cfg.log_interval == 0 or state.iteration == total:
+                    means = {k: (v / count).item() for k, v in sums.items()}  # the one sync
+                    watcher.check(means, state.iteration, self.console if self.is_main else None)
+                    progress.update(task, completed=state.iteration, losses=_loss_text(means))
+                if state.iteration >= total:
+                    break
+        except KeyboardInterrupt:
+            state.wall_time += time.perf_counter() - started
+            self._save_state()
+            raise RunError(
+                f"Interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
+                f"state saved in {self.run.state}.",
+                hint=f"Resume with: {self.resume_hint or '--resume'}",
+            ) from None
+        state.wall_time += time.perf_counter() - started
+        if count:
+            row = {
+                "epoch": state.epoch + 1,
+                "iteration": state.iteration,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            row.update({k: (v / count).item() for k, v in sums.items()})
+            row["seconds"] = round(state.wall_time, 1)
+            self._pending_row = row
+
+    def _end_epoch(self, model, evaluate_fn, save_fn, total) -> None:
+        state, cfg = self.state, self.cfg
+        finished = state.iteration >= total
+        row = getattr(self, "_pending_row", {"epoch": state.epoch + 1})
+        evaluate_now = finished or (
+            cfg.eval_interval and (state.epoch + 1) % cfg.eval_interval == 0
+        )
+        if evaluate_now:
+            metrics = evaluate_fn(self.accelerator.unwrap_model(model))
+            state.metrics = metrics
+            row.update({k: v for k, v in metrics.items() if isinstance(v, float)})
+            ap = float(metrics.get("AP", -1.0))
+            if ap > state.best_ap:
+                state.best_ap, state.best_epoch = ap, state.epoch + 1
+                if self.is_main:
+                    save_fn(self.accelerator.unwrap_model(model), "best", metrics)
+        if self.is_main:
+            append_results(self.run, row)
+        state.epoch += 1
+        state.epoch_step = 0
+        self._pending_row = {}
+        if finished and self.is_main:
+            save_fn(self.accelerator.unwrap_model(model), "last", state.metrics)
+        self._save_state()
+
+    # ----------------------------------------------------------------- state on disk
+
+    def _save_state(self) -> None:
+        """Save Accelerate's full state (model, optimizer, RNG...) plus ours, swapped in whole."""
+        acc = self.accelerator
+        tmp = self.run.state.with_name(self.run.state.name + ".tmp")
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.is_main:
+            write_json(tmp / TRAINER_STATE, asdict(self.state))
+            old = self.run.state.with_name(self.run.state.name + ".old")
+            if self.run.state.exists():
+                self.run.state.rename(old)
+            tmp.rename(self.run.state)
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _load_state(self) -> None:
+        self.accelerator.load_state(str(self.run.state))
+        data = json.loads((self.run.state / TRAINER_STATE).read_text())
+        self.state = TrainerState(**data)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=self.console,
+            disable=not self.is_main,
+            transient=False,
+        )
+
+
+class ZeroWatch:
+    """Reports, once, a watched loss term that is still exactly zero after a few iterations."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.reported: set[str] = set()
+
+    def check(self, means: dict[str, float], iteration: int, console: Console | None) -> None:
+        if iteration < ZERO_WATCH_ITERS:
+            return
+        for name in self.names:
+            if name in means and means[name] == 0.0 and name not in self.reported:
+                self.reported.add(name)
+                if console is not None:
+                    console.print(
+                        f"[bold yellow]Warning:[/] {name} has stayed exactly 0 for the first "
+                        f"{iteration} iterations: this distillation term teaches nothing."
+                    )
+
+
+def _loss_text(means: dict[str, float]) -> str:
+    total = sum(v for v in means.values() if math.isfinite(v))
+    parts = [f"loss {total:.3f}"] + [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items()]
+    return " ".join(parts)

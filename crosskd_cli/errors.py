@@ -1,0 +1,35 @@
+"""The one error family the CLI turns into a red line, a hint and exit code 2."""
+
+from __future__ import annotations
+
+
+class CrossKDError(Exception):
+    """A user-facing error: what was wrong (naming the bad value) and what to do next."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class DataError(CrossKDError):
+    """Bad data: a missing folder or file, a json that is not COCO, an unreadable image."""
+
+
+class PresetError(CrossKDError):
+    """A preset or override that does not exist or does not type-check."""
+
+
+class ModelError(CrossKDError):
+    """A model spec that cannot be built, or a teacher/student pair that does not fit."""
+
+
+class CheckpointError(CrossKDError):
+    """A checkpoint that is missing, corrupt, or does not match the model it should load into."""
+
+
+class RunError(CrossKDError):
+    """A run folder that already exists, cannot be resumed, or cannot be written."""

@@ -1,0 +1,129 @@
+"""Inference over a data set -> COCO results (original category ids) -> COCO bbox metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
+from crosskd_cli.data import CocoDetection, DataSource, build_loader
+from crosskd_cli.errors import DataError
+from crosskd_cli.metrics import coco_metrics
+from crosskd_cli.models import build_detector
+from crosskd_cli.postprocess import gfl_postprocess, scale_boxes_to_original
+from crosskd_cli.structures import Detections, Target
+
+# One post-processing function per head family; every family returns Detections per image.
+POSTPROCESS = {"gfl": gfl_postprocess}
+
+Gather = Callable[[list[Any]], list[Any]]
+
+
+def to_coco_results(
+    dets: Detections, target: Target, category_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """One image's detections in COCO results format, in original image coordinates."""
+    boxes = scale_boxes_to_original(dets.boxes, target.scale).cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = dets.scores.cpu().tolist()
+    labels = dets.labels.cpu().tolist()
+    return [
+        {
+            "image_id": target.image_id,
+            "category_id": category_ids[label],
+            "bbox": box,
+            "score": score,
+        }
+        for box, score, label in zip(xywh, scores, labels, strict=True)
+    ]
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    category_ids: Sequence[int],
+    *,
+    gather: Gather | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run `model` (a Detector) over `loader` and return every detection as a COCO result.
+
+    `gather` collects per-image result lists from every process (Accelerate's
+    gather_for_metrics with objects), so each process returns the whole list.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    postprocess = POSTPROCESS[model.spec.family]
+    results: list[dict[str, Any]] = []
+    for batch in loader:
+        batch = batch.to(device)
+        out = model(batch.images, batch.image_sizes)
+        dets = postprocess(out.head, batch.image_sizes, model.spec)
+        per_image = [
+            to_coco_results(d, t, category_ids) for d, t in zip(dets, batch.targets, strict=True)
+        ]
+        if gather is not None:
+            per_image = gather(per_image)
+        for image_results in per_image:
+            results.extend(image_results)
+        if on_batch is not None:
+            on_batch(len(batch.targets))
+    model.train(was_training)
+    return results
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate_checkpoint` measured, for the command to print and write."""
+
+    meta: CheckpointMeta
+    data: DataSource
+    num_images: int
+    batch_size: int
+    results: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def check_same_classes(meta: CheckpointMeta, dataset: CocoDetection, source: str) -> None:
+    """A model only measures data labelled with the classes it predicts."""
+    if list(dataset.category_ids) != list(meta.category_ids) or list(dataset.class_names) != list(
+        meta.class_names
+    ):
+        raise DataError(
+            f"The checkpoint predicts {len(meta.class_names)} classes "
+            f"({', '.join(meta.class_names[:4])}...) but data '{source}' has "
+            f"{len(dataset.class_names)} ({', '.join(dataset.class_names[:4])}...).",
+            hint="Evaluate on data with the same category list the model was trained on.",
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: DataSource,
+    *,
+    batch_size: int | None = None,
+    backend: str = "faster",
+    per_class: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split."""
+    state_dict, meta = load_checkpoint(checkpoint)
+    model = build_detector(meta.model)
+    load_state_into(model, state_dict, source=str(checkpoint))
+    dataset = CocoDetection(data.val_ann, data.val_images, train=False, scale=meta.image_scale)
+    check_same_classes(meta, dataset, data.spec)
+    batch_size = batch_size or meta.eval_batch_size
+    loader = build_loader(dataset, batch_size=batch_size, shuffle=False)
+    if on_start is not None:
+        on_start(len(dataset))
+    results = predict(model, loader, meta.category_ids, on_batch=on_batch)
+    metrics = coco_metrics(dataset.coco, results, backend=backend, per_class=per_class)
+    return EvalReport(meta, data, len(dataset), batch_size, results, metrics)

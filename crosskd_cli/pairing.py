@@ -1,0 +1,39 @@
+"""Can this student be distilled from this teacher? The checks `inspect` and `distill` share."""
+
+from __future__ import annotations
+
+from crosskd_cli.errors import ModelError
+from crosskd_cli.specs import ModelSpec
+
+
+def pair_problems(teacher: ModelSpec, student: ModelSpec, cross_index: int) -> list[str]:
+    """Every reason the cross-head forward cannot run between these two heads (empty = fine)."""
+    problems = []
+
+    def differ(what: str, t: object, s: object) -> None:
+        if t != s:
+            problems.append(f"{what} differ: teacher {t}, student {s}")
+
+    differ("head families", teacher.family, student.family)
+    differ("class counts", teacher.num_classes, student.num_classes)
+    differ("FPN strides (levels)", list(teacher.strides), list(student.strides))
+    differ("anchor scales", teacher.octave_base_scale, student.octave_base_scale)
+    if teacher.family == "gfl":
+        differ("reg_max", teacher.reg_max, student.reg_max)
+    tap_width = (
+        (teacher.fpn_channels, student.fpn_channels)
+        if cross_index == 0
+        else (teacher.head_channels, student.head_channels)
+    )
+    differ(f"tap widths at index {cross_index}", *tap_width)
+    return problems
+
+
+def check_cross_index(cross_index: int, teacher: ModelSpec, student: ModelSpec) -> None:
+    """The index must name a tap both heads have: 0 (the FPN feature) .. stacked_convs."""
+    top = min(teacher.stacked_convs, student.stacked_convs)
+    if not 0 <= cross_index <= top:
+        raise ModelError(
+            f"--cross-index {cross_index} is out of range: these heads have {top} tower blocks.",
+            hint=f"Choose 0..{top} (0 feeds the FPN feature; the paper's default is 3).",
+        )

@@ -1,0 +1,112 @@
+"""Presets: shipped files load, errors name the bad key, --set overrides apply."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from crosskd_cli.config import Preset, list_presets, load_preset
+from crosskd_cli.errors import PresetError
+from crosskd_cli.specs import ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_preset_loads_into_typed_dataclasses():
+    names = list_presets()
+    assert {"gfl-r50", "gfl-r101", "gfl-r101-to-r50", "shapes-gfl-r50"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        assert isinstance(preset, Preset) and isinstance(preset.model, ModelSpec)
+        assert preset.name == name
+        if preset.is_pair:
+            assert load_preset(preset.teacher.preset).model.family == preset.model.family
+
+
+def test_pair_preset_records_the_papers_numbers_as_reference_only():
+    preset = load_preset("gfl-r101-to-r50")
+    assert preset.distill.cross_index == 3
+    assert preset.reference["crosskd_coco_val_ap"] == 43.7
+    assert "not a crosskd result" in preset.reference["source"]
+
+
+def test_set_overrides_are_parsed_as_yaml_scalars():
+    preset = load_preset(
+        "gfl-r50",
+        [
+            "train.epochs=3",
+            "data.scale=[640, 480]",
+            "train.grad_clip=35",
+            "model.backbone=resnet18",
+        ],
+    )
+    assert preset.train.epochs == 3
+    assert preset.data.scale == (640, 480)
+    assert preset.train.grad_clip == 35.0 and isinstance(preset.train.grad_clip, float)
+    assert preset.model.backbone == "resnet18"
+
+
+def test_unknown_key_names_the_dotted_path_and_suggests_the_close_match():
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r50", ["train.epoch=3"])
+    assert "unknown key 'train.epoch'" in info.value.message
+    assert info.value.hint == "Did you mean 'epochs'?"
+
+
+def test_wrong_type_names_the_path_the_expected_type_and_the_value():
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r50", ["train.epochs=many"])
+    assert "'train.epochs' must be int, got 'many'" in info.value.message
+
+
+def test_malformed_override_shows_the_expected_form():
+    with pytest.raises(PresetError, match="not of the form key=value"):
+        load_preset("gfl-r50", ["train.epochs"])
+
+
+def test_unknown_preset_name_suggests_the_closest_shipped_one():
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl_r101_r50")
+    assert info.value.message == "Preset 'gfl_r101_r50' not found."
+    assert "Did you mean 'gfl-r101-to-r50'?" in info.value.hint
+
+
+def test_preset_can_be_a_yaml_file_listing_only_what_differs(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  backbone: resnet34\n  num_classes: 3\ntrain:\n  epochs: 2\n")
+    preset = load_preset(str(path))
+    assert preset.name == "mine"
+    assert preset.model.backbone == "resnet34" and preset.model.num_classes == 3
+    assert preset.model.reg_max == 16 and preset.train.lr == 0.01  # defaults fill the rest
+
+
+def test_missing_preset_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PresetError, match="does not exist"):
+        load_preset(str(tmp_path / "nope.yaml"))
+
+
+def test_presets_ship_inside_the_wheel(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("crosskd_cli-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if n.startswith("crosskd_cli/presets/")}
+    assert {f"{name}.yaml" for name in list_presets()} <= shipped

@@ -1,0 +1,238 @@
+"""The distiller pins the method down: where KD gradient goes, what the teacher does, alignment."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from crosskd_cli.config import DistillConfig
+from crosskd_cli.criterion import build_criterion
+from crosskd_cli.distill import Distiller, GFLKDLoss, MethodParts, align_tap, cross_head_forward
+from crosskd_cli.errors import ModelError
+from crosskd_cli.models import build_detector
+from crosskd_cli.pairing import check_cross_index, pair_problems
+from crosskd_cli.specs import ModelSpec
+from crosskd_cli.structures import Batch, Target
+
+STUDENT = ModelSpec(
+    backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8
+)
+TEACHER = replace(STUDENT, backbone="resnet34")
+
+
+def make_batch() -> Batch:
+    torch.manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    targets = [
+        Target(
+            torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+            torch.tensor([0, 2]),
+            1,
+            (96, 128),
+            (1.0, 1.0),
+        ),
+        Target(
+            torch.tensor([[30.0, 30.0, 90.0, 80.0]]), torch.tensor([1]), 2, (80, 100), (1.0, 1.0)
+        ),
+    ]
+    return Batch(images, [(96, 128), (80, 100)], targets)
+
+
+def make_pair(method: str = "crosskd", index: int = 3, **kwargs):
+    torch.manual_seed(0)
+    teacher = build_detector(TEACHER).eval().requires_grad_(False)
+    student = build_detector(STUDENT).train()
+    cfg = DistillConfig(method=method, cross_index=index, **kwargs)
+    return teacher, student, Distiller(teacher, build_criterion(STUDENT), cfg)
+
+
+def kd_only(losses: dict) -> torch.Tensor:
+    return sum(v for k, v in losses.items() if k.startswith("kd_"))
+
+
+def grads(module: torch.nn.Module) -> float:
+    total = 0.0
+    for p in module.parameters():
+        if p.grad is not None:
+            total += p.grad.abs().sum().item()
+    return total
+
+
+def test_a_distill_step_leaves_the_teacher_bit_identical_and_without_grad():
+    teacher, student, distiller = make_pair("crosskd+pkd")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    losses = distiller.step(student, make_batch())
+    sum(losses.values()).backward()
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+
+
+@pytest.mark.parametrize("index", [1, 2, 3])
+def test_crosskd_gradient_reaches_blocks_up_to_i_but_never_the_later_blocks_or_predictors(index):
+    _, student, distiller = make_pair("crosskd", index)
+    kd_only(distiller.step(student, make_batch())).backward()
+    head = student.head
+    for tower in (head.cls_tower, head.reg_tower):
+        for k, block in enumerate(tower, start=1):
+            if k <= index:
+                assert grads(block) > 0, f"block {k} should learn from the KD loss"
+            else:
+                assert grads(block) == 0, f"block {k} must answer to the ground truth only"
+    for predictor in (head.gfl_cls, head.gfl_reg, head.scales):
+        assert grads(predictor) == 0
+    assert grads(student.neck) > 0 and grads(student.backbone) > 0
+
+
+def test_crosskd_at_index_4_teaches_every_block_and_still_spares_the_predictors():
+    _, student, distiller = make_pair("crosskd", 4)
+    kd_only(distiller.step(student, make_batch())).backward()
+    assert all(grads(block) > 0 for block in student.head.cls_tower)
+    assert grads(student.head.gfl_cls) == 0 and grads(student.head.gfl_reg) == 0
+
+
+def test_mimic_sends_kd_gradient_into_the_students_own_predictors():
+    _, student, distiller = make_pair("mimic")
+    losses = distiller.step(student, make_batch())
+    assert set(k for k in losses if k.startswith("kd_")) == {"kd_mimic_cls", "kd_mimic_box"}
+    kd_only(losses).backward()
+    assert grads(student.head.gfl_cls) > 0 and grads(student.head.gfl_reg) > 0
+
+
+def test_index_0_feeds_the_fpn_features_to_the_whole_teacher_head():
+    teacher, student, _ = make_pair()
+    batch = make_batch()
+    out = student(batch.images, batch.image_sizes, tap_index=0)
+    assert all(tap is feat for tap, feat in zip(out.head.cls_taps, out.features, strict=True))
+    assert all(tap is feat for tap, feat in zip(out.head.reg_taps, out.features, strict=True))
+
+
+def test_the_aligned_tap_has_the_teachers_per_channel_mean_and_std():
+    torch.manual_seed(0)
+    student_tap = torch.randn(2, 4, 5, 6) * 3 + 7
+    teacher_tap = torch.randn(2, 4, 5, 6) * torch.tensor([0.5, 1, 2, 4]).view(1, 4, 1, 1) - 1
+    aligned = align_tap(student_tap, teacher_tap)
+    dims = (0, 2, 3)
+    torch.testing.assert_close(aligned.mean(dims), teacher_tap.mean(dims), atol=1e-5, rtol=0)
+    torch.testing.assert_close(aligned.std(dims), teacher_tap.std(dims), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
+def test_cross_head_identity_same_model_without_alignment_gives_the_teachers_predictions(index):
+    torch.manual_seed(0)
+    teacher = build_detector(TEACHER).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = teacher(batch.images, batch.image_sizes, tap_index=index)
+        cross = cross_head_forward(
+            teacher.head,
+            index,
+            out.head.cls_taps,
+            out.head.reg_taps,
+            out.head.cls_taps,
+            out.head.reg_taps,
+            align=False,
+        )
+    for mine, theirs in zip(
+        cross.cls_logits + cross.box_preds, out.head.cls_logits + out.head.box_preds, strict=True
+    ):
+        assert torch.equal(mine, theirs)
+
+
+def test_method_none_has_only_ground_truth_losses_and_crosskd_names_its_terms():
+    _, student, distiller = make_pair("none")
+    assert set(distiller.step(student, make_batch())) == {"loss_qfl", "loss_dfl", "loss_giou"}
+    _, student, distiller = make_pair("crosskd+mimic")
+    names = set(distiller.step(student, make_batch()))
+    assert names == {
+        "loss_qfl",
+        "loss_dfl",
+        "loss_giou",
+        "kd_cross_cls",
+        "kd_cross_box",
+        "kd_mimic_cls",
+        "kd_mimic_box",
+    }
+    assert distiller.loss_names() == (
+        "kd_cross_cls",
+        "kd_cross_box",
+        "kd_mimic_cls",
+        "kd_mimic_box",
+    )
+
+
+def test_ablation_switches_drop_the_terms_they_name():
+    _, student, distiller = make_pair("crosskd", cls_kd="none")
+    assert {k for k in distiller.step(student, make_batch()) if k.startswith("kd")} == {
+        "kd_cross_box"
+    }
+    _, student, distiller = make_pair("crosskd", box_kd=False)
+    assert {k for k in distiller.step(student, make_batch()) if k.startswith("kd")} == {
+        "kd_cross_cls"
+    }
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ModelError) as info:
+        MethodParts.of("ld")
+    assert info.value.message == "Method 'ld' is not known."
+    assert "crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic, none" in info.value.hint
+
+
+def test_gfl_kd_loss_normalises_cls_by_positives_and_box_by_the_soft_region_weights():
+    cfg = DistillConfig(cls_weight=1.0, box_weight=4.0)
+    kd = GFLKDLoss(cfg, reg_max=1)
+    # one image, two locations, one class; reg_max 1 -> 2 bins x 4 sides = 8 logits
+    pred_cls = torch.tensor([[[0.0], [0.0]]])
+    teacher_cls = torch.tensor([[[0.0], [2.0]]])
+    pred_box = torch.zeros(1, 2, 8)
+    teacher_box = torch.zeros(1, 2, 8)
+    teacher_box[0, 1, 0] = 1.0  # side 0 of location 1 prefers bin 0
+    label_weights = torch.tensor([[1.0, 1.0]])
+    pos = torch.tensor([[False, True]])
+    losses = kd(
+        pred_cls,
+        pred_box,
+        teacher_cls,
+        teacher_box,
+        label_weights,
+        pos,
+        torch.tensor(2.0),
+        prefix="kd",
+    )
+    # cls: location 0 teacher p=0.5, student p=0.5 -> |diff| = 0 -> 0.
+    # location 1: teacher q = sigmoid(2) = 0.880797; student p = 0.5
+    # BCE(0 logit, q) = ln 2 = 0.693147; x |0.5 - q| = 0.380797 -> 0.263948; / num_pos 2
+    assert losses["kd_cls"].item() == pytest.approx(0.693147 * 0.380797 / 2, rel=1e-5)
+    # box: region weights w = sigmoid(max teacher logit) = [0.5, 0.880797]
+    # location 0: identical uniform distributions -> KL 0.
+    # location 1 side 0: t = softmax([1, 0]) = [0.731059, 0.268941] vs s = [0.5, 0.5]:
+    # KL = 0.731059 ln(1.462117) + 0.268941 ln(0.537883) = 0.277719 - 0.166774 = 0.110944;
+    # averaged over 4 sides -> 0.027736; x w 0.880797 -> 0.024430; / sum(w) 1.380797; x 4.
+    expected = 4 * 0.110944 / 4 * 0.880797 / 1.380797
+    assert losses["kd_box"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_cross_index_out_of_range_names_the_valid_range():
+    with pytest.raises(ModelError) as info:
+        check_cross_index(5, TEACHER, STUDENT)
+    assert info.value.message == (
+        "--cross-index 5 is out of range: these heads have 4 tower blocks."
+    )
+    assert info.value.hint.startswith("Choose 0..4")
+
+
+def test_incompatible_pairs_say_what_differs():
+    assert pair_problems(TEACHER, STUDENT, 3) == []
+    problems = pair_problems(replace(TEACHER, num_classes=80, reg_max=8), STUDENT, 3)
+    assert problems == [
+        "class counts differ: teacher 80, student 3",
+        "reg_max differ: teacher 8, student 16",
+    ]
+    assert pair_problems(replace(TEACHER, head_channels=64, norm_groups=8), STUDENT, 2) == [
+        "tap widths at index 2 differ: teacher 64, student 32"
+    ]
