@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from crosskd_cli import __version__
-from crosskd_cli.commands import distill, inspect, teacher
+from crosskd_cli.commands import distill, inspect, quickstart, teacher
 from crosskd_cli.commands import eval as eval_cmd
 from crosskd_cli.errors import CrossKDError
 
@@ -71,13 +71,14 @@ def root(
 
 
 # The command list: one place, in the order a user meets them.
-teacher_app = typer.Typer(help=teacher.__doc__, no_args_is_help=False, invoke_without_command=True)
+teacher_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
 teacher_app.callback(invoke_without_command=True)(error_boundary(teacher.train))
 teacher_app.command("import")(error_boundary(teacher.import_weights))
 app.add_typer(teacher_app, name="teacher")
 app.command("distill")(error_boundary(distill.distill))
 app.command("eval")(error_boundary(eval_cmd.evaluate))
 app.command("inspect")(error_boundary(inspect.inspect))
+app.command("quickstart")(error_boundary(quickstart.quickstart))
 
 
 def main() -> None:

@@ -160,14 +160,14 @@ class Distiller:
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """GT losses on the student's own predictions, KD losses as the method says."""
         index = self.tap_index
-        with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
-            teacher_out = self.teacher(batch.images, batch.image_sizes, tap_index=index)
         student_out = student(batch.images, batch.image_sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, batch.image_sizes, self.reduce_mean
         )
         if not (self.parts.cross or self.parts.mimic or self.parts.pkd):
-            return losses
+            return losses  # the plain baseline: the teacher is never run
+        with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
+            teacher_out = self.teacher(batch.images, batch.image_sizes, tap_index=index)
         teacher_cls = flatten_levels(teacher_out.head.cls_logits)
         teacher_box = flatten_levels(teacher_out.head.box_preds)
         common = (

@@ -91,13 +91,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 class Trainer:
     """Runs `fit` for one run folder; every process builds one, only the main one writes."""
 
-    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, run: RunDir, console: Console):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        cfg: TrainConfig,
+        run: RunDir,
+        console: Console,
+        resume_hint: str = "--resume",
+    ) -> None:
         self.accelerator = accelerator
         self.cfg = cfg
         self.run = run
         self.console = console
         self.state = TrainerState()
-        self.resume_hint = ""  # the command that resumes this run, shown on interruption
+        self.resume_hint = resume_hint  # the command that resumes this run, shown on interruption
+
+    def reduce_mean(self, value: Tensor) -> Tensor:
+        """Average a tensor over processes (loss normalisers such as the positive count)."""
+        return self.accelerator.reduce(value, reduction="mean")
 
     @property
     def is_main(self) -> bool:
@@ -199,7 +210,7 @@ class Trainer:
             raise RunError(
                 f"Interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
                 f"state saved in {self.run.state}.",
-                hint=f"Resume with: {self.resume_hint or '--resume'}",
+                hint=f"Resume with: {self.resume_hint}",
             ) from None
         state.wall_time += time.perf_counter() - started
         if count:

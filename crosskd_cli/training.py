@@ -1,23 +1,28 @@
-"""`crosskd teacher`: train one detector from a preset on a data set, into a run folder."""
+"""`teacher` and `distill` jobs: data, models and the step, handed to the one training loop."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from torch import nn
 
 from crosskd_cli import __version__
-from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
+from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
 from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.criterion import build_criterion
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
+from crosskd_cli.distill import Distiller
 from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
-from crosskd_cli.evaluate import predict
+from crosskd_cli.errors import DataError, ModelError
+from crosskd_cli.evaluate import check_same_classes, predict
 from crosskd_cli.metrics import coco_metrics
-from crosskd_cli.models import build_detector
+from crosskd_cli.models import Detector, build_detector
+from crosskd_cli.pairing import check_cross_index, pair_problems
 from crosskd_cli.runs import RunDir, write_config, write_json
 from crosskd_cli.specs import ModelSpec
 
@@ -38,11 +43,21 @@ class DataSplits:
         return self.val.category_ids
 
 
+@dataclass
+class Job:
+    """What differs between `teacher` and `distill`; the rest of a run is shared."""
+
+    kind: str  # "teacher" or "student": the kind recorded in the checkpoint
+    model: nn.Module  # the trained detector
+    spec: ModelSpec
+    step: Callable  # step(model, batch) -> {name: loss}
+    training: dict[str, Any]  # recorded in the checkpoint's metadata
+    watch_zero: tuple[str, ...] = ()
+
+
 def load_splits(preset: Preset, data: DataSource) -> DataSplits:
     cfg = preset.data
     if data.train_ann is None or data.train_images is None:
-        from crosskd_cli.errors import DataError
-
         raise DataError(
             f"Data '{data.spec}' has no training split.",
             hint="Give a COCO folder, builtin:shapes, or --train-ann and --train-images.",
@@ -76,52 +91,86 @@ def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> Mode
     return spec
 
 
-def checkpoint_meta(
+def evaluate_model(
+    model: nn.Module, dataset: CocoDetection, batch_size: int, gather=None, loader=None
+) -> dict[str, Any]:
+    loader = loader or build_loader(dataset, batch_size=batch_size, shuffle=False)
+    results = predict(model, loader, dataset.category_ids, gather=gather)
+    return coco_metrics(dataset.coco, results)
+
+
+def run_job(
     preset: Preset,
-    spec: ModelSpec,
-    splits: DataSplits,
     data: DataSource,
-    kind: str,
-    training: dict[str, Any],
-    metrics: dict[str, Any],
-) -> CheckpointMeta:
-    return CheckpointMeta(
-        model=spec,
-        class_names=list(splits.class_names),
-        category_ids=list(splits.category_ids),
-        preset=preset.name,
-        val_data=data.spec,
-        image_scale=tuple(preset.data.scale),
-        eval_batch_size=preset.train.eval_batch_size,
-        crosskd_version=__version__,
-        kind=kind,
-        training=training,
-        metrics=metrics,
-    )
-
-
-def make_evaluate_fn(trainer: Trainer, splits: DataSplits, batch_size: int, console: Console):
-    """Evaluation on the validation split, sharded over processes and gathered back."""
+    run: RunDir,
+    splits: DataSplits,
+    job: Job,
+    trainer: Trainer,
+    *,
+    resume: bool,
+    console: Console,
+    config_extra: dict[str, Any],
+) -> TrainerState:
+    """The shared part of every run: config.yaml, the loop, evaluation, best/last checkpoints."""
     acc = trainer.accelerator
-    loader = acc.prepare_data_loader(
-        build_loader(splits.val, batch_size=batch_size, shuffle=False, num_workers=0)
+    if acc.is_main_process and not resume:
+        config = {
+            "command": "teacher" if job.kind == "teacher" else "distill",
+            "data": data.spec,
+            **config_extra,
+            "preset": to_dict(dataclasses.replace(preset, model=job.spec)),
+        }
+        write_config(run, config)
+    val_loader = acc.prepare_data_loader(
+        build_loader(splits.val, batch_size=preset.train.eval_batch_size, shuffle=False)
     )
 
     def evaluate(model) -> dict[str, Any]:
-        results = predict(
-            model,
-            loader,
-            splits.category_ids,
-            gather=lambda objs: acc.gather_for_metrics(objs, use_gather_object=True),
-        )
-        metrics = coco_metrics(splits.val.coco, results)
+        gather = lambda objs: acc.gather_for_metrics(objs, use_gather_object=True)  # noqa: E731
+        metrics = evaluate_model(model, splits.val, 0, gather=gather, loader=val_loader)
         if trainer.is_main:
             console.print(
                 "[bold]val[/] " + "  ".join(f"{k} {metrics[k]:.1f}" for k in ("AP", "AP50", "AP75"))
             )
         return metrics
 
-    return evaluate
+    def save(model, name: str, metrics: dict[str, Any]) -> None:
+        training = {
+            **job.training,
+            "epochs_done": trainer.state.epoch + 1,
+            "iterations": trainer.state.iteration,
+            "seconds": round(trainer.state.wall_time, 1),
+            "processes": acc.num_processes,
+        }
+        meta = CheckpointMeta(
+            model=job.spec,
+            class_names=list(splits.class_names),
+            category_ids=list(splits.category_ids),
+            preset=preset.name,
+            val_data=data.spec,
+            image_scale=tuple(preset.data.scale),
+            eval_batch_size=preset.train.eval_batch_size,
+            crosskd_version=__version__,
+            kind=job.kind,
+            training=training,
+            metrics=metrics,
+        )
+        save_checkpoint(run.root / f"{name}.safetensors", model.state_dict(), meta)
+
+    train_loader = build_loader(
+        splits.train,
+        batch_size=preset.train.batch_size,
+        shuffle=True,
+        num_workers=preset.data.num_workers,
+        seed=preset.train.seed,
+        drop_last=True,
+    )
+    state = trainer.fit(
+        job.model, job.step, train_loader, evaluate, save, resume=resume, watch_zero=job.watch_zero
+    )
+    if acc.is_main_process:
+        write_json(run.metrics, state.metrics)
+    return state
 
 
 def train_detector(
@@ -133,47 +182,123 @@ def train_detector(
     backbone_weights: Path | None,
     console: Console,
     resume_hint: str,
-    config_extra: dict[str, Any] | None = None,
-) -> tuple[TrainerState, RunDir]:
-    """Train the preset's detector with the shared loop; writes best/last checkpoints."""
+) -> TrainerState:
+    """`crosskd teacher`: train the preset's detector on the ground truth alone."""
     splits = load_splits(preset, data)
     spec = spec_for_data(preset.model, splits, console)
-    accelerator = make_accelerator(preset.train)
+    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     model = build_detector(spec, backbone_weights=backbone_weights)
     criterion = build_criterion(spec)
-    reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")  # noqa: E731
-    trainer = Trainer(accelerator, preset.train, run, console)
-    trainer.resume_hint = resume_hint
-    if accelerator.is_main_process and not resume:
-        config = {"command": "teacher", "data": data.spec, **(config_extra or {})}
-        config["preset"] = to_dict(dataclasses.replace(preset, model=spec))
-        write_config(run, config)
+    reduce_mean = trainer.reduce_mean
 
     def step(model, batch):
         out = model(batch.images, batch.image_sizes)
-        losses, _, _ = criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)
-        return losses
+        return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
 
-    def save(model, name, metrics):
-        training = {
-            "epochs_done": trainer.state.epoch + 1,
-            "iterations": trainer.state.iteration,
-            "seconds": round(trainer.state.wall_time, 1),
-            "processes": accelerator.num_processes,
-        }
-        meta = checkpoint_meta(preset, spec, splits, data, "teacher", training, metrics)
-        save_checkpoint(run.root / f"{name}.safetensors", model.state_dict(), meta)
-
-    train_loader = build_loader(
-        splits.train,
-        batch_size=preset.train.batch_size,
-        shuffle=True,
-        num_workers=preset.data.num_workers,
-        seed=preset.train.seed,
-        drop_last=True,
+    job = Job("teacher", model, spec, step, {"command": "teacher"})
+    return run_job(
+        preset,
+        data,
+        run,
+        splits,
+        job,
+        trainer,
+        resume=resume,
+        console=console,
+        config_extra={"backbone_weights": str(backbone_weights or "")},
     )
-    evaluate = make_evaluate_fn(trainer, splits, preset.train.eval_batch_size, console)
-    state = trainer.fit(model, step, train_loader, evaluate, save, resume=resume)
-    if accelerator.is_main_process:
-        write_json(run.metrics, state.metrics)
-    return state, run
+
+
+def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
+    state_dict, meta = load_checkpoint(path)
+    teacher = build_detector(meta.model)
+    load_state_into(teacher, state_dict, source=str(path))
+    return teacher, meta
+
+
+def check_pair(
+    teacher_meta: CheckpointMeta,
+    student: ModelSpec,
+    splits: DataSplits,
+    data: DataSource,
+    index: int,
+    teacher_path: Path,
+) -> None:
+    """Refuse, with the reason, a pair the cross-head forward cannot serve."""
+    check_cross_index(index, teacher_meta.model, student)
+    try:
+        check_same_classes(teacher_meta, splits.val, data.spec)
+    except DataError as exc:
+        raise ModelError(
+            f"Teacher {teacher_path.name} does not fit the data: {exc.message}",
+            hint="Train or import a teacher on this data set's classes first: "
+            "crosskd teacher --preset NAME --data DATA",
+        ) from None
+    problems = pair_problems(teacher_meta.model, student, index)
+    if problems:
+        raise ModelError(
+            f"Teacher {teacher_path.name} and the student cannot be paired: "
+            + "; ".join(problems)
+            + ".",
+            hint="Pick a pair preset whose models match (crosskd inspect --list-presets).",
+        )
+
+
+def distill_student(
+    preset: Preset,
+    data: DataSource,
+    run: RunDir,
+    teacher_path: Path,
+    *,
+    resume: bool,
+    student_weights: Path | None,
+    backbone_weights: Path | None,
+    eval_teacher: bool,
+    console: Console,
+    resume_hint: str,
+) -> TrainerState:
+    """`crosskd distill`: the student learns from the ground truth and the frozen teacher."""
+    splits = load_splits(preset, data)
+    spec = spec_for_data(preset.model, splits, console)
+    teacher, teacher_meta = load_teacher(teacher_path)
+    cfg = preset.distill
+    check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path)
+    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
+    teacher = trainer.prepare_frozen(teacher)
+    teacher_ap = teacher_meta.metrics.get("AP")
+    if eval_teacher:
+        metrics = evaluate_model(teacher, splits.val, preset.train.eval_batch_size)
+        teacher_ap = metrics["AP"]
+        console.print(
+            f"[bold]teacher[/] on {data.spec}: AP {metrics['AP']:.1f}  "
+            f"AP50 {metrics['AP50']:.1f}  AP75 {metrics['AP75']:.1f}"
+        )
+    student = build_detector(spec, backbone_weights=backbone_weights)
+    if student_weights is not None:
+        state_dict, _ = load_checkpoint(student_weights)
+        load_state_into(student, state_dict, source=str(student_weights))
+    distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
+    training = {
+        "command": "distill",
+        "method": cfg.method,
+        "cross_index": cfg.cross_index,
+        "teacher": teacher_path.name,
+        "teacher_ap": teacher_ap,
+        "distill": to_dict(cfg),
+    }
+    job = Job("student", student, spec, distiller.step, training, distiller.loss_names())
+    return run_job(
+        preset,
+        data,
+        run,
+        splits,
+        job,
+        trainer,
+        resume=resume,
+        console=console,
+        config_extra={
+            "teacher": str(teacher_path),
+            "student_weights": str(student_weights or ""),
+            "backbone_weights": str(backbone_weights or ""),
+        },
+    )

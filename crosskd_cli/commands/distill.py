@@ -6,13 +6,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
-from crosskd_cli.commands._options import DataOpt, OutOpt, PresetOpt, SetOpt
-from crosskd_cli.errors import CrossKDError
+from crosskd_cli.commands._common import command_line, data_source, print_run_summary
+from crosskd_cli.commands._options import (
+    BackboneWeightsOpt,
+    DataOpt,
+    OutOpt,
+    OverwriteOpt,
+    PresetOpt,
+    ResumeOpt,
+    SetOpt,
+    SkipBadImagesOpt,
+    TrainAnnOpt,
+    TrainImagesOpt,
+    ValAnnOpt,
+    ValImagesOpt,
+)
+from crosskd_cli.config import DEFAULT_PAIR, load_preset
+from crosskd_cli.runs import choose_run_dir
+
+console = Console()
 
 
 def distill(
-    preset: PresetOpt = "gfl-r101-to-r50",
+    preset: PresetOpt = DEFAULT_PAIR,
     data: DataOpt = None,
     cross_index: Annotated[
         int | None,
@@ -20,27 +38,94 @@ def distill(
             "--cross-index",
             "-i",
             help="Student tap fed to the teacher head "
-            "(0..stacked_convs; default: the preset's, 3 for GFL).",
+            "(0..stacked_convs; 0 = FPN feature). Default: the preset's (3 for GFL).",
         ),
     ] = None,
     teacher: Annotated[
-        Path | None, typer.Option("--teacher", help="The teacher's crosskd .safetensors.")
+        Path | None,
+        typer.Option(
+            "--teacher",
+            "-t",
+            help="The teacher's crosskd .safetensors. Default: the "
+            "preset's teacher weights, or the cached teacher of `crosskd quickstart`.",
+        ),
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic or none."),
+        typer.Option(
+            help="crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic or none "
+            "(the plain student). Default: the preset's (crosskd)."
+        ),
     ] = None,
+    eval_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--eval-teacher", help="Measure the teacher on the validation data before training."
+        ),
+    ] = False,
+    student_weights: Annotated[
+        Path | None,
+        typer.Option("--student-weights", help="Start the student from a crosskd checkpoint."),
+    ] = None,
+    backbone_weights: BackboneWeightsOpt = None,
+    train_ann: TrainAnnOpt = None,
+    train_images: TrainImagesOpt = None,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
     overrides: SetOpt = None,
     out: OutOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    skip_bad_images: SkipBadImagesOpt = False,
 ) -> None:
     """Distill a student from a frozen teacher with CrossKD at a chosen cross index.
 
-    Not available yet: distillation arrives in the next release. Today you can train and
-    evaluate detectors (`crosskd teacher`, `crosskd eval`) and inspect pairs (`crosskd inspect`).
+    The student's tap at --cross-index runs through the rest of the teacher's head; those
+    cross-head predictions learn to match the teacher's, while the student's own head learns
+    from the ground truth only. Writes the same run folder as `teacher`, with a student-only
+    best.safetensors.
 
-    Example: crosskd distill --preset gfl-r101-to-r50 --cross-index 3 --data /coco
+    Example: crosskd distill --preset gfl-r101-to-r50 --cross-index 3 --data /coco --teacher
+    gfl_r101.safetensors
     """
-    raise CrossKDError(
-        "`crosskd distill` is not implemented in this version.",
-        hint="Inspect the pair meanwhile: crosskd inspect --preset " + preset,
+    from crosskd_cli.teachers import resolve_teacher
+    from crosskd_cli.training import distill_student
+
+    settings = list(overrides or [])
+    settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
+    settings += [f"distill.method={method}"] if method is not None else []
+    settings += ["data.skip_bad_images=true"] if skip_bad_images else []
+    spec = load_preset(preset, settings)
+    source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
+    teacher_path = resolve_teacher(spec, source, teacher, console)
+    run = choose_run_dir(out, "distill", spec.name, resume=resume, overwrite=overwrite)
+    cfg = spec.distill
+    console.print(
+        f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher_path} -> student "
+        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
+        f"[bold]{cfg.cross_index}[/] on [cyan]{source.spec}[/] -> {run.root}"
     )
+    if "crosskd" in cfg.method:
+        blocks = spec.model.stacked_convs
+        reused = (
+            f"teacher blocks {cfg.cross_index + 1}..{blocks} + predictors"
+            if cfg.cross_index < blocks
+            else "teacher predictors only"
+        )
+        console.print(
+            f"[dim]Cross branch reuses {reused}; alignment {'on' if cfg.align else 'off'}.[/]"
+        )
+    resume_hint = command_line() if resume else f"{command_line()} --resume --out {run.root}"
+    state = distill_student(
+        spec,
+        source,
+        run,
+        teacher_path,
+        resume=resume,
+        student_weights=student_weights,
+        backbone_weights=backbone_weights,
+        eval_teacher=eval_teacher,
+        console=console,
+        resume_hint=resume_hint,
+    )
+    print_run_summary(console, run, state)

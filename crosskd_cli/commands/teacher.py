@@ -65,7 +65,7 @@ def train(
         f"{spec.model.family}) on [cyan]{source.spec}[/] -> {run.root}"
     )
     resume_hint = command_line() if resume else f"{command_line()} --resume --out {run.root}"
-    state, run = train_detector(
+    state = train_detector(
         spec,
         source,
         run,

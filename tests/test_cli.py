@@ -1,0 +1,216 @@
+"""The command line as a user meets it: help, errors, and tiny end-to-end runs on built-in data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from crosskd_cli import __version__
+from crosskd_cli.checkpoint import load_checkpoint, read_meta
+from crosskd_cli.cli import app
+
+runner = CliRunner()
+TINY_DATA = "builtin:shapes:images=24,val=8,size=96"
+TINY = [
+    "--data", TINY_DATA,
+    "--set", "train.max_iters=3", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=4",
+    "--set", "data.num_workers=0", "--set", "data.scale=[96,96]", "--set", "train.warmup_iters=2",
+]  # fmt: skip
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_four_subcommands_and_the_quickstart():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("teacher", "distill", "eval", "inspect", "quickstart"):
+        assert command in result.output
+
+
+def test_version_prints_the_package_version():
+    assert invoke("--version").output.strip() == f"crosskd {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command,option",
+    [
+        ("teacher", "--backbone-weights"),
+        ("distill", "--cross-index"),
+        ("eval", "--backend"),
+        ("inspect", "--image-size"),
+    ],
+)
+def test_each_subcommand_documents_its_options_and_an_example(command, option):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert option in result.output and "Example" in result.output
+
+
+def test_a_user_error_is_one_red_line_with_a_hint_and_exit_code_2():
+    result = runner.invoke(app, ["teacher", "--preset", "gfl_r5O"])
+    assert result.exit_code == 2
+    assert "Error: Preset 'gfl_r5O' not found." in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bare_inspect_shows_the_default_pair_and_lists_the_presets():
+    result = invoke("inspect")
+    assert result.exit_code == 0
+    assert "gfl-r101-to-r50" in result.output and "cross index 3" in result.output
+    assert "Compatible" in result.output and "shapes-gfl-r50" in result.output
+
+
+def test_inspect_json_reports_shapes_reused_layers_and_compatibility():
+    result = invoke(
+        "inspect", "--preset", "gfl-r101-to-r50", "--cross-index", "3", "--format", "json"
+    )
+    report = json.loads(result.output)
+    assert report["compatible"] is True and report["image_size"] == [800, 1333]
+    assert report["teacher"]["fpn_levels"][0] == [256, 100, 168]
+    assert report["teacher"]["params"]["backbone"] > report["student"]["params"]["backbone"]
+    reused = report["reused_teacher_layers"]
+    assert "cls_tower.3.conv" in reused and "gfl_cls" in reused and "scales.4" in reused
+    assert "cls_tower.2.conv" not in reused
+
+
+def test_inspect_refuses_an_out_of_range_cross_index():
+    result = runner.invoke(app, ["inspect", "--cross-index", "7"])
+    assert result.exit_code == 2
+    assert "--cross-index 7 is out of range" in result.output
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    result = invoke("teacher", "--preset", "shapes-gfl-r18", *TINY, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_teacher_run_leaves_config_results_and_two_checkpoints(teacher_run):
+    assert {p.name for p in teacher_run.iterdir()} >= {
+        "config.yaml",
+        "results.csv",
+        "best.safetensors",
+        "last.safetensors",
+        "metrics.json",
+        "last",
+    }
+    meta = read_meta(teacher_run / "best.safetensors")
+    assert meta.kind == "teacher" and meta.val_data == TINY_DATA
+    assert meta.training["iterations"] == 3 and "AP" in meta.metrics
+
+
+def test_eval_without_data_reproduces_the_recorded_ap_exactly(teacher_run, tmp_path):
+    ckpt = teacher_run / "best.safetensors"
+    recorded = read_meta(ckpt).metrics
+    result = invoke("eval", str(ckpt), "--out", str(tmp_path / "e1"))
+    assert result.exit_code == 0, result.output
+    assert f"validation data {TINY_DATA}" in result.output.replace("\n", " ")
+    measured = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert {k: measured[k] for k in ("AP", "AP50", "AP75")} == {
+        k: recorded[k] for k in ("AP", "AP50", "AP75")
+    }
+    assert (
+        invoke("eval", str(ckpt), "--data", TINY_DATA, "--out", str(tmp_path / "e2")).exit_code == 0
+    )
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["AP"] == recorded["AP"]
+    predictions = json.loads((tmp_path / "e1" / "predictions.json").read_text())
+    assert {p["category_id"] for p in predictions} <= {1, 2, 3, 5, 7, 8, 11, 13, 17, 19}
+
+
+def test_eval_refuses_to_overwrite_files_in_a_chosen_folder(teacher_run, tmp_path):
+    ckpt = str(teacher_run / "best.safetensors")
+    assert invoke("eval", ckpt, "--out", str(tmp_path)).exit_code == 0
+    result = runner.invoke(app, ["eval", ckpt, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_a_run_folder_is_never_overwritten_without_being_asked(teacher_run):
+    result = runner.invoke(
+        app, ["teacher", "--preset", "shapes-gfl-r18", *TINY, "--out", str(teacher_run)]
+    )
+    assert result.exit_code == 2
+    assert "already exists and is not empty" in result.output and "--resume" in result.output
+
+
+def test_resume_continues_from_the_saved_state(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("teacher", "--preset", "shapes-gfl-r18", *TINY, "--out", str(out)).exit_code == 0
+    result = invoke(
+        "teacher",
+        "--preset",
+        "shapes-gfl-r18",
+        *TINY,
+        "--set",
+        "train.max_iters=5",
+        "--out",
+        str(out),
+        "--resume",
+    )
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "last" / "trainer_state.json").read_text())
+    assert state["iteration"] == 5
+    assert read_meta(out / "last.safetensors").training["iterations"] == 5
+
+
+def test_distill_writes_a_student_only_checkpoint_that_eval_reads(teacher_run, tmp_path):
+    out = tmp_path / "student"
+    result = invoke(
+        "distill",
+        "--preset",
+        "shapes-gfl-r50-to-r18",
+        *TINY,
+        "--set",
+        "model.backbone=resnet18",
+        "--teacher",
+        str(teacher_run / "best.safetensors"),
+        "--cross-index",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "cross index 2" in result.output
+    state, meta = load_checkpoint(out / "best.safetensors")
+    teacher_state, _ = load_checkpoint(teacher_run / "best.safetensors")
+    assert meta.kind == "student" and meta.training["method"] == "crosskd"
+    assert meta.training["cross_index"] == 2
+    assert len(state) == len(teacher_state)  # the student alone, no teacher tensor inside
+    with safe_open(str(out / "best.safetensors"), "pt") as f:
+        assert not any(key.startswith("teacher") for key in f.keys())
+    assert invoke("eval", str(out / "best.safetensors"), "--data", TINY_DATA).exit_code == 0
+
+
+def test_distill_without_a_teacher_says_how_to_get_one():
+    result = runner.invoke(app, ["distill", "--preset", "shapes-gfl-r50-to-r18", *TINY])
+    assert result.exit_code == 2
+    assert "No teacher weights for preset 'shapes-gfl-r50-to-r18'" in result.output
+    assert "crosskd teacher --preset shapes-gfl-r50" in result.output
+
+
+def test_distill_refuses_a_teacher_with_another_class_list(teacher_run):
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--preset",
+            "shapes-gfl-r50-to-r18",
+            *TINY,
+            "--teacher",
+            str(teacher_run / "best.safetensors"),
+            "--set",
+            "model.head_channels=32",
+            "--set",
+            "model.norm_groups=16",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "cannot be paired: tap widths at index 3 differ: teacher 64, student 32" in (
+        result.output.replace("\n", " ")
+    )
