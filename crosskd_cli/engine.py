@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -52,9 +52,40 @@ class TrainerState:
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
 
 
+def process_state() -> PartialState:
+    """The process group. Without a GPU, several processes (torchrun, accelerate launch) must be
+    told they are CPU workers, or Accelerate runs each one alone, unaware of the others."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def quiet_unless_main(console: Console) -> None:
+    """Only the main process talks; the others would print every line once more."""
+    console.quiet = not process_state().is_main_process
+
+
+def main_process_first():
+    """Context: the main process goes first (generating data, creating folders), then the rest."""
+    return process_state().main_process_first()
+
+
+def from_main_process(make: Callable[[], Any]) -> Any:
+    """Call `make` on the main process only and hand its result to every process.
+
+    Run-folder choices must agree across processes: each deciding for itself would number
+    the same run twice.
+    """
+    state = process_state()
+    value = make() if state.is_main_process else None
+    if state.num_processes == 1:
+        return value
+    return broadcast_object_list([value])[0]
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """One Accelerator per run: device, processes, mixed precision, seedable data order."""
+    process_state()  # fixes CPU-or-GPU before the Accelerator reads it
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the schedule is per iteration, stepped by hand
@@ -254,8 +285,11 @@ class Trainer:
         """Save Accelerate's full state (model, optimizer, RNG...) plus ours, swapped in whole."""
         acc = self.accelerator
         tmp = self.run.state.with_name(self.run.state.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-save
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its part (its RNG state) first
         if self.is_main:
             write_json(tmp / TRAINER_STATE, asdict(self.state))
             old = self.run.state.with_name(self.run.state.name + ".old")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private cache per test session and a tiny COCO folder factory."""
+"""Shared fixtures: a private cache for every test and a tiny COCO folder factory."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Rich wraps at the terminal width; a wide one keeps asserted messages on one line.
+# Rich wraps at the terminal width; a wide one keeps asserted CLI messages on one line.
 os.environ["COLUMNS"] = "200"
 
 
@@ -21,24 +21,27 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 def write_image(path: Path, size=(40, 30), mode="RGB", seed=0) -> None:
+    """Random pixels of `size` (w, h) in `mode`, in the format the suffix names."""
     rng = np.random.default_rng(seed)
     w, h = size
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    pixels = rng.integers(0, 255, (h, w, channels), dtype=np.uint8).squeeze()
-    Image.fromarray(pixels, mode=mode).save(path)
+    pixels = rng.integers(0, 255, (h, w, channels), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(path)
 
 
 def make_coco(root: Path, images: list[dict], annotations: list[dict], categories=None) -> Path:
-    """A COCO-layout folder with val2017 (and train2017 = the same) images and jsons."""
+    """A COCO-layout folder whose train and val splits are the same images and json.
+
+    An image dict with "_missing": True is listed in the json but not written.
+    """
     categories = categories or [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
     missing = [info.pop("_missing", False) for info in images]
     for split in ("train2017", "val2017"):
         (root / split).mkdir(parents=True, exist_ok=True)
         for k, info in enumerate(images):
             if not missing[k]:
-                write_image(
-                    root / split / info["file_name"], (info["width"], info["height"]), seed=k
-                )
+                size = (info["width"], info["height"])
+                write_image(root / split / info["file_name"], size, seed=k)
     (root / "annotations").mkdir(exist_ok=True)
     payload = json.dumps({"images": images, "annotations": annotations, "categories": categories})
     for split in ("train", "val"):
@@ -48,7 +51,8 @@ def make_coco(root: Path, images: list[dict], annotations: list[dict], categorie
 
 @pytest.fixture
 def tiny_coco(tmp_path):
-    """Two images (one without boxes), boxes of both classes, one crowd and one degenerate."""
+    """Two 40x30 images, b.png without boxes. a.png has a cat box, a dog box reaching past the
+    image edge, a crowd cat box and a zero-width dog box; category ids 3 and 7 (not 0, 1)."""
     images = [
         {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
         {"id": 2, "file_name": "b.png", "width": 40, "height": 30},

@@ -24,6 +24,7 @@ from crosskd_cli.commands._options import (
     ValImagesOpt,
 )
 from crosskd_cli.config import DEFAULT_PAIR, load_preset
+from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
 from crosskd_cli.runs import choose_run_dir
 
 console = Console()
@@ -96,9 +97,13 @@ def distill(
     settings += [f"distill.method={method}"] if method is not None else []
     settings += ["data.skip_bad_images=true"] if skip_bad_images else []
     spec = load_preset(preset, settings)
-    source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
+    quiet_unless_main(console)
+    with main_process_first():  # generates built-in data once, not once per process
+        source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
     teacher_path = resolve_teacher(spec, source, teacher, console)
-    run = choose_run_dir(out, "distill", spec.name, resume=resume, overwrite=overwrite)
+    run = from_main_process(
+        lambda: choose_run_dir(out, "distill", spec.name, resume=resume, overwrite=overwrite)
+    )
     cfg = spec.distill
     console.print(
         f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher_path} -> student "

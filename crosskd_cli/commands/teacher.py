@@ -25,6 +25,7 @@ from crosskd_cli.commands._options import (
     ValImagesOpt,
 )
 from crosskd_cli.config import load_preset
+from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
 from crosskd_cli.errors import CrossKDError
 from crosskd_cli.runs import choose_run_dir
 
@@ -58,8 +59,12 @@ def train(
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
     spec = load_preset(preset, settings)
-    source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
-    run = choose_run_dir(out, "teacher", spec.name, resume=resume, overwrite=overwrite)
+    quiet_unless_main(console)
+    with main_process_first():  # generates built-in data once, not once per process
+        source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
+    run = from_main_process(
+        lambda: choose_run_dir(out, "teacher", spec.name, resume=resume, overwrite=overwrite)
+    )
     console.print(
         f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
         f"{spec.model.family}) on [cyan]{source.spec}[/] -> {run.root}"

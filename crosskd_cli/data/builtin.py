@@ -1,13 +1,14 @@
-"""The built-in data set: seeded, generated once into a cache folder, in COCO format.
+"""The built-in data set `builtin:shapes`: seeded, generated once into a cache, in COCO format.
 
-`builtin:shapes` is a real, small detection problem rather than a toy: ten classes that need
-both shape and colour to tell apart (each shape comes in two colours, each colour in two
-shapes), objects from 8 px to half the image, 2-10 per image, partial occlusion, textured noisy
-backgrounds and unlabelled distractors (other shapes, and class shapes in other colours).
+A small but real detection problem rather than a toy: ten classes that need shape AND colour to
+tell apart (each shape comes in two class colours, each colour in two class shapes, and the
+other shape/colour pairs appear unlabelled), objects from 8 px to half the image, 2-12 per
+image, partial occlusion, textured noisy backgrounds and unlabelled distractors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from crosskd_cli.errors import DataError
 
+GENERATOR_VERSION = 2  # part of the cache key: bump whenever the pictures or the json change
+MANIFEST = "manifest.json"  # written last: a folder without a matching one is incomplete
+OCCLUSION = 0.45  # at most this fraction of a labelled box is hidden, so it stays recognisable
+COLOUR_JITTER = 22  # per channel; class colours stay well apart from each other
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -30,62 +36,88 @@ COLOURS = {
     "yellow": (235, 215, 40),
     "purple": (160, 50, 200),
 }
-DISTRACTOR_COLOURS = [(250, 140, 20), (30, 200, 210), (150, 150, 150), (240, 240, 240)]
-# (shape, colour) -> class; category ids are deliberately not contiguous, as COCO's are not.
+# (shape, colour) of each class, in category id order; the ids are deliberately not
+# contiguous, as COCO's are not, so the label <-> category id mapping is always exercised.
 CLASSES = [
     ("circle", "red"), ("circle", "blue"), ("square", "green"), ("square", "red"),
     ("triangle", "blue"), ("triangle", "yellow"), ("cross", "yellow"), ("cross", "purple"),
     ("diamond", "purple"), ("diamond", "green"),
 ]  # fmt: skip
 CATEGORY_IDS = [1, 2, 3, 5, 7, 8, 11, 13, 17, 19]
-DISTRACTOR_SHAPES = ("hexagon", "ring", "bar")
-COLOUR_JITTER = 22  # per channel; class colours stay well apart from each other
-MANIFEST = "manifest.json"
-OCCLUSION = 0.45  # at most this fraction of a labelled box is hidden, so it stays recognisable
+CLASS_NAMES = [f"{colour}_{shape}" for shape, colour in CLASSES]
+# Unlabelled look-alikes: the shape/colour pairs of the class grid that are not classes, so that
+# neither the shape nor the colour alone names a class.
+LOOKALIKES = [
+    (shape, colour)
+    for shape in dict.fromkeys(s for s, _ in CLASSES)
+    for colour in COLOURS
+    if (shape, colour) not in CLASSES
+]
+FOREIGN_SHAPES = ("hexagon", "ring", "bar", "star")  # never labelled, drawn in class colours
+FOREIGN_COLOURS = [(250, 140, 20), (30, 200, 210), (150, 150, 150), (240, 240, 240)]
+DIFFICULTIES = {"easy": 0, "normal": 1, "hard": 2}
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
 
 @dataclass(frozen=True)
 class ShapesParams:
-    """Knobs of `builtin:shapes`, settable as builtin:shapes:seed=3,images=2000."""
+    """Knobs of `builtin:shapes`, set as builtin:shapes:seed=3,images=2000,difficulty=hard."""
 
     seed: int = 0  # everything follows from it
     images: int = 800  # training images
     val: int = 200  # validation images
-    size: int = 160  # image width in px; heights are 3/4 or 4/4 of it
-    difficulty: int = 1  # 0 easy, 1 normal, 2 hard: clutter, occlusion and noise
+    size: int = 160  # longer image side in px; each image is square, 4:3 or 3:4
+    difficulty: int = 1  # 0 easy, 1 normal, 2 hard (or the names): clutter, occlusion, noise
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return f"shapes-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        """The cache subfolder: every parameter and the generator version, readable."""
+        knobs = "-".join(f"{name}{value}" for name, value in asdict(self).items())
+        return f"shapes-v{GENERATOR_VERSION}-{knobs}"
+
+
+LIMITS = {"seed": (0, 2**32 - 1), "images": (1, 10**6), "val": (1, 10**6), "size": (64, 4096)}
+LIMITS["difficulty"] = (0, 2)
 
 
 def parse_params(text: str) -> ShapesParams:
-    """'seed=3,images=2000' -> ShapesParams, naming any unknown or ill-typed knob."""
-    valid = {f.name for f in fields(ShapesParams)}
+    """'seed=3,images=2000' -> ShapesParams, naming any unknown, repeated or ill-typed knob."""
+    valid = ", ".join(f"{f.name}={f.default}" for f in fields(ShapesParams))
+    hint = f"Valid parameters (with defaults): {valid}. Example: builtin:shapes:seed=3,images=2000"
     values: dict[str, int] = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in valid:
-            raise DataError(
-                f"builtin:shapes has no parameter '{key or item}'.",
-                hint=f"Valid: {', '.join(sorted(valid))}, e.g. builtin:shapes:seed=3,images=2000",
-            )
-        try:
-            values[key] = int(value)
-        except ValueError:
-            raise DataError(
-                f"builtin:shapes parameter {key}='{value}' is not an integer.",
-                hint=f"Example: builtin:shapes:{key}=3",
-            ) from None
-    params = ShapesParams(**values)
-    limits = {"images": 1, "val": 1, "size": 64}
-    for name, low in limits.items():
-        if getattr(params, name) < low:
-            raise DataError(f"builtin:shapes {name}={getattr(params, name)} is below {low}.")
-    if params.difficulty not in (0, 1, 2):
-        raise DataError(f"builtin:shapes difficulty={params.difficulty} must be 0, 1 or 2.")
-    return params
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if key not in LIMITS:
+            raise DataError(f"builtin:shapes has no parameter '{key}'.", hint=hint)
+        if not sep or not raw:
+            raise DataError(f"builtin:shapes parameter '{key}' has no value.", hint=hint)
+        if key in values:
+            raise DataError(f"builtin:shapes parameter '{key}' is given twice.", hint=hint)
+        values[key] = _parse_value(key, raw)
+    return ShapesParams(**values)
+
+
+def _parse_value(key: str, raw: str) -> int:
+    if key == "difficulty" and raw in DIFFICULTIES:
+        return DIFFICULTIES[raw]
+    try:
+        value = int(raw)
+    except ValueError:
+        names = " (or easy, normal, hard)" if key == "difficulty" else ""
+        raise DataError(
+            f"builtin:shapes parameter {key}='{raw}' is not an integer{names}.",
+            hint=f"Example: builtin:shapes:{key}={getattr(ShapesParams, key)}",
+        ) from None
+    low, high = LIMITS[key]
+    if not low <= value <= high:
+        raise DataError(
+            f"builtin:shapes parameter {key}={value} is out of range {low}..{high}.",
+            hint=f"Example: builtin:shapes:{key}={getattr(ShapesParams, key)}",
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------- the cache
 
 
 def cache_root() -> Path:
@@ -93,174 +125,278 @@ def cache_root() -> Path:
     if os.environ.get("CROSSKD_CACHE"):
         return Path(os.environ["CROSSKD_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "crosskd"
+    return Path(base).expanduser() / "crosskd"
 
 
 def builtin_cache_dir() -> Path:
+    """The folder that holds every generated built-in data set."""
     return cache_root() / "builtin"
 
 
-def ensure_shapes(params: ShapesParams, progress: Callable[[int, int], None] | None = None) -> Path:
-    """The data set's folder, generated on first use and regenerated when damaged."""
-    root = builtin_cache_dir() / params.key()
+def ensure_shapes(
+    params: ShapesParams,
+    *,
+    cache_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """The data set's COCO-layout folder, generated on first use and regenerated when damaged.
+
+    It is generated into a temporary sibling folder and renamed into place when complete, so an
+    interrupted run never leaves a folder that looks finished. `progress(done, total)` is called
+    after each image; nothing is printed.
+    """
+    root = Path(cache_dir or builtin_cache_dir()) / params.key()
     if _is_complete(root, params):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    except OSError as exc:
+        raise DataError(
+            f"Cannot write the built-in data set to {root.parent} ({exc.strerror}).",
+            hint="Set CROSSKD_CACHE to a writable folder.",
+        ) from None
     try:
         _generate(tmp, params, progress)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        _install(tmp, root, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
+def _install(tmp: Path, root: Path, params: ShapesParams) -> None:
+    """Rename the finished folder into place; another process (a DDP rank) may have won."""
+    if _is_complete(root, params):
+        return
+    if root.exists():  # damaged: move it aside first, since a rename cannot replace a folder
+        stale = root.with_name(f".{root.name}-stale-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(root, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not _is_complete(root, params):
+            raise
+
+
 def _is_complete(root: Path, params: ShapesParams) -> bool:
-    """The manifest is written last: it must exist and match the files now on disk."""
+    """The manifest must exist, match the parameters and match the files now on disk."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-        if manifest["params"] != asdict(params):
+        if manifest["version"] != GENERATOR_VERSION or manifest["params"] != asdict(params):
             return False
-        for split, expected in manifest["files"].items():
-            ann = root / "annotations" / f"instances_{split}2017.json"
-            if hashlib.sha256(ann.read_bytes()).hexdigest() != expected["sha256"]:
-                return False
-            if len(os.listdir(root / f"{split}2017")) != expected["images"]:
-                return False
-        return True
-    except (OSError, KeyError, ValueError, TypeError):
+        splits = manifest["splits"]
+        return set(splits) == {"train", "val"} and all(
+            _split_matches(root, split, expected) for split, expected in splits.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def _split_matches(root: Path, split: str, expected: dict) -> bool:
+    """Checksum of the json; count and total bytes of the images (a cheap stat per file)."""
+    ann = (root / "annotations" / f"instances_{split}2017.json").read_bytes()
+    if hashlib.sha256(ann).hexdigest() != expected["annotations_sha256"]:
+        return False
+    with os.scandir(root / f"{split}2017") as entries:
+        sizes = [entry.stat().st_size for entry in entries]
+    return len(sizes) == expected["images"] and sum(sizes) == expected["image_bytes"]
+
+
 def _generate(root: Path, params: ShapesParams, progress) -> None:
-    (root / "annotations").mkdir(parents=True)
-    total = params.images + params.val
-    done = 0
-    files = {}
-    for split, count, offset in (("train", params.images, 0), ("val", params.val, 1)):
+    (root / "annotations").mkdir()
+    counts = {"train": params.images, "val": params.val}
+    total, done, splits = sum(counts.values()), 0, {}
+    for split_index, (split, count) in enumerate(counts.items()):
         folder = root / f"{split}2017"
         folder.mkdir()
-        rng = np.random.default_rng([params.seed, offset])
         images, annotations = [], []
         for k in range(count):
-            image_id = k + 1
-            picture, boxes = _draw_image(rng, params)
-            name = f"{image_id:06d}.jpg"
+            # One generator per image: image k is the same whatever the other counts are.
+            rng = np.random.default_rng([params.seed, split_index, k])
+            picture, objects = draw_image(rng, params)
+            name = f"{k + 1:06d}.jpg"
             picture.save(folder / name, quality=92)
             images.append(
-                {
-                    "id": image_id,
-                    "file_name": name,
-                    "width": picture.width,
-                    "height": picture.height,
-                }
+                {"id": k + 1, "file_name": name, "width": picture.width, "height": picture.height}
             )
-            for label, (x0, y0, x1, y1) in boxes:
-                w, h = round(x1 - x0, 2), round(y1 - y0, 2)
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": CATEGORY_IDS[label],
-                        "bbox": [round(x0, 2), round(y0, 2), w, h],
-                        "area": round(w * h, 2),
-                        "iscrowd": 0,
-                    }
-                )
+            annotations += _annotations(k + 1, objects, first_id=len(annotations) + 1)
             done += 1
             if progress is not None:
                 progress(done, total)
-        categories = [
-            {"id": cid, "name": f"{colour}_{shape}", "supercategory": shape}
-            for cid, (shape, colour) in zip(CATEGORY_IDS, CLASSES, strict=True)
-        ]
-        payload = json.dumps(
-            {"images": images, "annotations": annotations, "categories": categories}
-        ).encode()
-        (root / "annotations" / f"instances_{split}2017.json").write_bytes(payload)
-        files[split] = {"sha256": hashlib.sha256(payload).hexdigest(), "images": count}
-    manifest = {"params": asdict(params), "files": files}
+        splits[split] = _write_split(root, split, images, annotations)
+    manifest = {"version": GENERATOR_VERSION, "params": asdict(params), "splits": splits}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _annotations(image_id: int, objects: list[tuple[int, Box]], first_id: int) -> list[dict]:
+    """COCO records: full object boxes in xywh (occlusion is capped, see OCCLUSION)."""
+    records = []
+    for k, (label, (x0, y0, x1, y1)) in enumerate(objects):
+        w, h = round(x1 - x0, 2), round(y1 - y0, 2)
+        records.append(
+            {
+                "id": first_id + k,
+                "image_id": image_id,
+                "category_id": CATEGORY_IDS[label],
+                "bbox": [round(x0, 2), round(y0, 2), w, h],
+                "area": round(w * h, 2),
+                "iscrowd": 0,
+            }
+        )
+    return records
+
+
+def _write_split(root: Path, split: str, images: list[dict], annotations: list[dict]) -> dict:
+    categories = [
+        {"id": cid, "name": name, "supercategory": shape}
+        for cid, name, (shape, _) in zip(CATEGORY_IDS, CLASS_NAMES, CLASSES, strict=True)
+    ]
+    payload = json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}
+    ).encode()
+    (root / "annotations" / f"instances_{split}2017.json").write_bytes(payload)
+    image_bytes = sum((root / f"{split}2017" / i["file_name"]).stat().st_size for i in images)
+    return {
+        "annotations_sha256": hashlib.sha256(payload).hexdigest(),
+        "images": len(images),
+        "image_bytes": image_bytes,
+    }
 
 
 # ----------------------------------------------------------------------------- drawing
 
 
-def _draw_image(rng: np.random.Generator, p: ShapesParams):
-    width = p.size
-    height = p.size if rng.random() < 0.5 else p.size * 3 // 4
-    canvas = _background(rng, width, height, p.difficulty)
+def draw_image(rng: np.random.Generator, params: ShapesParams):
+    """One picture and its labelled objects [(label, box)], all drawn from `rng`."""
+    level = params.difficulty
+    width, height = _image_size(rng, params.size)
+    canvas = _background(rng, width, height, level)
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(1, 3 + 2 * p.difficulty)):  # unlabelled clutter first
-        _draw_distractor(draw, rng, width, height)
-    count = int(rng.integers(2, 6 + 2 * p.difficulty + 1))
-    placed: list[tuple[int, tuple[float, float, float, float]]] = []
-    for _ in range(count * 4):  # a few tries per object to respect the occlusion limit
-        if len(placed) == count:
-            break
-        label = int(rng.integers(len(CLASSES)))
+    for _ in range(int(rng.integers(level, 2 + 2 * level))):  # unlabelled clutter underneath
+        _draw_distractor(draw, rng, _sample_box(rng, width, height))
+    visibility = _Visibility(height, width)
+    objects = _place_objects(draw, rng, visibility, width, height, level)
+    if rng.random() < 0.35 * level:  # and sometimes on top, partly covering objects
         box = _sample_box(rng, width, height)
-        if any(max(_covered(box, o), _covered(o, box)) > OCCLUSION for _, o in placed):
+        if visibility.place(box, labelled=False):
+            _draw_distractor(draw, rng, box)
+    if level:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 0.6))))
+    pixels = np.asarray(canvas, dtype=np.float32)
+    pixels += rng.normal(0, 3 + 4 * level, pixels.shape)  # sensor noise
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), objects
+
+
+def _image_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """(width, height): square, landscape 4:3 or portrait 3:4."""
+    short = size * 3 // 4
+    return [(size, size), (size, short), (short, size)][int(rng.integers(3))]
+
+
+def _place_objects(draw, rng, visibility, width: int, height: int, level: int):
+    count = int(rng.integers(2, 7 + 3 * level))  # easy 2-6, normal 2-9, hard 2-12
+    objects: list[tuple[int, Box]] = []
+    for _ in range(count * 4):  # a few tries per object to respect the occlusion cap
+        if len(objects) == count:
+            break
+        box = _sample_box(rng, width, height)
+        if not visibility.place(box, labelled=True):
             continue
+        label = int(rng.integers(len(CLASSES)))
         shape, colour = CLASSES[label]
         _draw_shape(draw, shape, box, _jitter(rng, COLOURS[colour]))
-        placed.append((label, box))
-    if rng.random() < 0.5 * p.difficulty:  # a distractor may partly cover objects
-        _draw_distractor(draw, rng, width, height, avoid=[box for _, box in placed])
-    if p.difficulty:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 0.6))))
-    noisy = np.asarray(canvas, dtype=np.float32)
-    noisy += rng.normal(0, 4 + 4 * p.difficulty, noisy.shape)
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8)), placed
+        objects.append((label, box))
+    return objects
 
 
-def _background(rng: np.random.Generator, width: int, height: int, difficulty: int) -> Image.Image:
-    """A dim gradient with blotches and faint lines: texture the detector must ignore."""
+class _Visibility:
+    """Which labelled object is on top at each pixel (its box standing in for its shape), so
+    nothing drawn later hides more than OCCLUSION of any object, however many overlap it."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.top = np.full((height, width), -1, dtype=np.int32)
+        self.full = np.zeros(0)  # pixel area of each labelled box
+        self.visible = np.zeros(0)  # how much of it is still on top
+
+    def place(self, box: Box, labelled: bool) -> bool:
+        """Claim the box's pixels unless an earlier object would lose too much; say which."""
+        x0, y0 = int(box[0]), int(box[1])
+        x1, y1 = math.ceil(box[2]), math.ceil(box[3])
+        region = self.top[y0:y1, x0:x1]
+        hidden = np.bincount(region.ravel() + 1, minlength=len(self.full) + 1)[1:]
+        left = self.visible - hidden
+        if (left < (1 - OCCLUSION) * self.full).any():
+            return False
+        region[...] = len(self.full) if labelled else -1
+        self.visible = left
+        if labelled:
+            self.full = np.append(self.full, region.size)
+            self.visible = np.append(self.visible, region.size)
+        return True
+
+
+def _background(rng: np.random.Generator, width: int, height: int, level: int) -> Image.Image:
+    """A dim gradient with coarse texture, blotches and lines the detector must ignore."""
     c0, c1 = rng.uniform(20, 120, 3), rng.uniform(20, 120, 3)
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    t = (xs * math.cos(angle) + ys * math.sin(angle)) / max(width, height)
+    t = xs * math.cos(angle) + ys * math.sin(angle)
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     pixels = c0 + (c1 - c0) * t[..., None]
-    image = Image.fromarray(pixels.astype(np.uint8))
+    coarse = rng.normal(128, 10 + 5 * level, (height // 10 + 2, width // 10 + 2, 3))
+    texture = Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    pixels += np.asarray(texture, dtype=np.float32) - 128
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(3, 8 + 6 * difficulty))):
-        x, y = rng.uniform(0, width), rng.uniform(0, height)
-        r = rng.uniform(4, width / 4)
-        tone = tuple(int(v) for v in rng.uniform(20, 140, 3))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tone)
-    for _ in range(int(rng.integers(2, 6 + 4 * difficulty))):
-        pts = rng.uniform(0, 1, 4) * [width, height, width, height]
-        tone = tuple(int(v) for v in rng.uniform(40, 170, 3))
-        draw.line(list(pts), fill=tone, width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(3, 6 + 5 * level))):
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(4, width / 4)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=_tone(rng, 20, 140))
+    for _ in range(int(rng.integers(2, 5 + 4 * level))):
+        ends = list(rng.uniform(0, 1, 4) * [width, height, width, height])
+        draw.line(ends, fill=_tone(rng, 40, 170), width=int(rng.integers(1, 3)))
     return image.filter(ImageFilter.GaussianBlur(radius=1.5))
 
 
-def _sample_box(rng, width: int, height: int) -> tuple[float, float, float, float]:
+def _sample_box(rng: np.random.Generator, width: int, height: int) -> Box:
     """Side log-uniform from 8 px to half the image, aspect 0.6-1.6, inside the image."""
     side = math.exp(rng.uniform(math.log(8), math.log(min(width, height) / 2)))
     aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
-    w, h = min(side * math.sqrt(aspect), width - 1), min(side / math.sqrt(aspect), height - 1)
+    w, h = side * math.sqrt(aspect), side / math.sqrt(aspect)
+    w, h = min(w, width - 1), min(h, height - 1)
     x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
     return (x0, y0, x0 + w, y0 + h)
 
 
-def _covered(box, other) -> float:
-    """Fraction of `box` hidden under `other`."""
-    ix = max(0.0, min(box[2], other[2]) - max(box[0], other[0]))
-    iy = max(0.0, min(box[3], other[3]) - max(box[1], other[1]))
-    return ix * iy / ((box[2] - box[0]) * (box[3] - box[1]))
+def _tone(rng: np.random.Generator, low: float, high: float) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.uniform(low, high, 3))
 
 
-def _jitter(rng, colour) -> tuple[int, int, int]:
-    return tuple(
-        int(np.clip(c + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1), 0, 255)) for c in colour
-    )
+def _jitter(rng: np.random.Generator, colour) -> tuple[int, int, int]:
+    shifted = np.asarray(colour) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
+    return tuple(int(v) for v in shifted.clip(0, 255))
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+def _draw_distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: Box) -> None:
+    """An unlabelled object: a foreign shape in a class colour, a class shape in a foreign
+    colour, or a class shape in a class colour that is not its class (a look-alike)."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        shape = FOREIGN_SHAPES[int(rng.integers(len(FOREIGN_SHAPES)))]
+        colour = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
+    elif kind == 1:
+        shape = CLASSES[int(rng.integers(len(CLASSES)))][0]
+        colour = FOREIGN_COLOURS[int(rng.integers(len(FOREIGN_COLOURS)))]
+    else:
+        shape, name = LOOKALIKES[int(rng.integers(len(LOOKALIKES)))]
+        colour = COLOURS[name]
+    _draw_shape(draw, shape, box, _jitter(rng, colour))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill) -> None:
     x0, y0, x1, y1 = box
     cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
     if shape == "circle":
@@ -272,31 +408,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
     elif shape == "diamond":
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
     elif shape == "cross":
-        tw, th = w / 3, h / 3
-        draw.rectangle([x0, cy - th / 2, x1, cy + th / 2], fill=fill)
-        draw.rectangle([cx - tw / 2, y0, cx + tw / 2, y1], fill=fill)
+        draw.rectangle([x0, cy - h / 6, x1, cy + h / 6], fill=fill)
+        draw.rectangle([cx - w / 6, y0, cx + w / 6, y1], fill=fill)
     elif shape == "hexagon":
         draw.regular_polygon((cx, cy, min(w, h) / 2), 6, fill=fill)
+    elif shape == "star":
+        angles = np.pi * (np.arange(10) / 5 - 0.5)
+        radii = np.where(np.arange(10) % 2 == 0, 0.5, 0.2)  # alternate outer and inner points
+        xs, ys = cx + w * radii * np.cos(angles), cy + h * radii * np.sin(angles)
+        draw.polygon(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=fill)
     elif shape == "ring":
         draw.ellipse(box, outline=fill, width=max(1, int(min(w, h) / 6)))
     else:  # bar
         draw.rectangle([x0, cy - h / 8, x1, cy + h / 8], fill=fill)
-
-
-def _draw_distractor(draw, rng, width: int, height: int, avoid=()) -> None:
-    """An unlabelled object: a shape outside the class list, or a class shape in a foreign
-    colour, so neither shape nor colour alone identifies a class. It never hides more than the
-    occlusion limit of a labelled box in `avoid`."""
-    for _ in range(5):
-        box = _sample_box(rng, width, height)
-        if all(_covered(other, box) <= OCCLUSION for other in avoid):
-            break
-    else:
-        return
-    colour = DISTRACTOR_COLOURS[int(rng.integers(len(DISTRACTOR_COLOURS)))]
-    if rng.random() < 0.5:
-        shape = DISTRACTOR_SHAPES[int(rng.integers(len(DISTRACTOR_SHAPES)))]
-        colour = _jitter(rng, list(COLOURS.values())[int(rng.integers(len(COLOURS)))])
-    else:
-        shape = CLASSES[int(rng.integers(len(CLASSES)))][0]
-    _draw_shape(draw, shape, box, _jitter(rng, colour))

@@ -5,67 +5,160 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from crosskd_cli.data.transforms import apply, build_transforms
+from crosskd_cli.data.transforms import (
+    MIN_BOX_SIZE,
+    build_transforms,
+    keep_ratio_size,
+    transform_sample,
+)
 from crosskd_cli.errors import DataError
 from crosskd_cli.structures import Target
 
-REQUIRED = {
-    "images": ("id", "file_name", "width", "height"),
-    "annotations": ("image_id", "category_id", "bbox"),
-    "categories": ("id", "name"),
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_box(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+
+
+# key -> field -> (check, what the check expects); the fields crosskd reads from each entry.
+REQUIRED: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "images": {
+        "id": (_is_int, "an integer"),
+        "file_name": (lambda v: isinstance(v, str) and v != "", "a file name"),
+        "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    },
+    "annotations": {
+        "image_id": (_is_int, "an integer"),
+        "category_id": (_is_int, "an integer"),
+        "bbox": (_is_box, "[x, y, width, height]"),
+    },
+    "categories": {"id": (_is_int, "an integer"), "name": (lambda v: isinstance(v, str), "a name")},
 }
 
 
 def load_coco_json(path: Path) -> COCO:
-    """Read and check a COCO instances json; a missing key is named in the error."""
+    """Read and check a COCO instances json; a missing key or bad entry field is named."""
     if not path.is_file():
         raise DataError(
             f"Annotation file {path} does not exist.",
             hint="Expected a COCO instances json (e.g. annotations/instances_val2017.json).",
         )
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}.", hint="Re-export the file.") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not COCO: the top level must be an object.")
-    for key, fields in REQUIRED.items():
-        if not isinstance(data.get(key), list):
-            raise DataError(
-                f"{path} is not COCO: missing key '{key}'.",
-                hint="A COCO instances json has 'images', 'annotations' and 'categories' lists.",
-            )
-        for k, entry in enumerate(data[key]):
-            missing = [f for f in fields if f not in entry]
-            if missing:
-                raise DataError(
-                    f"{path} is not COCO: {key}[{k}] has no '{missing[0]}'.",
-                    hint=f"Each entry of '{key}' needs {', '.join(fields)}.",
-                )
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are both
+        raise DataError(f"{path} is not valid JSON ({exc}).", hint="Re-export the file.") from None
+    _check_coco(path, data)
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
         coco.createIndex()
     return coco
+
+
+def _check_coco(path: Path, data: Any) -> None:
+    hint = "A COCO instances json has 'images', 'annotations' and 'categories' lists."
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not COCO: the top level must be an object.", hint=hint)
+    for key, rules in REQUIRED.items():
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            raise DataError(f"{path} is not COCO: missing key '{key}'.", hint=hint)
+        for field, (check, expected) in rules.items():
+            bad = next(
+                (k for k, e in enumerate(entries) if not isinstance(e, dict) or field not in e),
+                None,
+            )
+            if bad is not None:
+                raise DataError(
+                    f"{path} is not COCO: {key}[{bad}] has no '{field}'.",
+                    hint=f"Each entry of '{key}' needs {', '.join(rules)}.",
+                )
+            bad = next((k for k, e in enumerate(entries) if not check(e[field])), None)
+            if bad is not None:
+                raise DataError(
+                    f"{path} is not COCO: {key}[{bad}].{field} is {entries[bad][field]!r}, "
+                    f"expected {expected}.",
+                    hint=f"Fix that entry of '{key}' (bbox is [x, y, width, height] in pixels).",
+                )
+    _check_references(path, data)
+
+
+def _check_references(path: Path, data: dict) -> None:
+    """Every annotation must name a listed image and a listed category."""
+    for field, key in (("image_id", "images"), ("category_id", "categories")):
+        known = {entry["id"] for entry in data[key]}
+        bad = next((k for k, a in enumerate(data["annotations"]) if a[field] not in known), None)
+        if bad is not None:
+            raise DataError(
+                f"{path} is not COCO: annotations[{bad}].{field} is "
+                f"{data['annotations'][bad][field]}, which is not in '{key}'.",
+                hint=f"Every annotation's {field} must be the id of an entry of '{key}'.",
+            )
+
+
+def read_image(path: Path) -> Tensor:
+    """(3, H, W) uint8 RGB: grayscale and RGBA converted, EXIF orientation applied.
+
+    torchvision decodes JPEG, PNG, WebP and GIF; other formats (BMP, TIFF) go through Pillow.
+    """
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as exc:
+        # torchvision prefixes its messages with "function, source.cpp:line, ".
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(exc).splitlines()[0])
+        if not reason.startswith("Unsupported image file"):
+            raise _unreadable(path, reason) from None
+    try:
+        with Image.open(path) as picture:
+            pixels = np.asarray(ImageOps.exif_transpose(picture).convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, str(exc)) from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def _unreadable(path: Path, reason: str) -> DataError:
+    return DataError(
+        f"Image {path} cannot be read ({reason.rstrip('.')}).",
+        hint="Replace the file, or pass --skip-bad-images to skip unreadable images.",
+    )
 
 
 class CocoDetection(Dataset):
     """Images and boxes of one COCO split, resized (not normalised) for a detector.
 
-    Labels are contiguous 0..C-1 in the order of sorted category ids; `category_ids` maps them
-    back. Crowd boxes never become targets. Training drops images left without boxes; evaluation
-    keeps every image. An unreadable image stops with its name, or with `skip_bad_images` the
-    next readable image is returned in its place and `num_skipped` counts it.
+    Labels are contiguous 0..C-1 in the order of sorted category ids; `category_ids[label]`
+    maps them back and `class_names[label]` names them. Crowd boxes never become targets.
+    Boxes are clipped to the image; boxes empty after clipping or under 1 px once resized are
+    dropped. Training (`train=True`) skips images left without boxes; evaluation keeps every
+    image. Missing image files stop construction (a cheap stat of every file).
+
+    Unreadable images are only found when read (decoding every image up front would cost as
+    much as an epoch): by default reading one raises a DataError naming it; with
+    `skip_bad_images` the next readable image (in index order, wrapping around) is returned in
+    its place and `num_skipped` counts distinct bad images. With DataLoader workers each worker
+    process keeps its own count, so `num_skipped` in the main process only sees its own reads.
     """
 
     def __init__(
@@ -86,18 +179,16 @@ class CocoDetection(Dataset):
                 hint="Point --data (or --train-images/--val-images) at the folder of images.",
             )
         self.coco = load_coco_json(self.ann_file)
-        self.category_ids = sorted(self.coco.getCatIds())
-        cats = self.coco.loadCats(self.category_ids)
-        self.class_names = [c["name"] for c in cats]
-        self._label_of = {cid: k for k, cid in enumerate(self.category_ids)}
+        self.category_ids: list[int] = sorted(self.coco.cats)
+        self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.train = train
         self.skip_bad_images = skip_bad_images
         self.skipped: set[int] = set()
         self.transforms = build_transforms(train, scale, flip_prob)
-        self._boxes = {i: self._load_boxes(i) for i in sorted(self.coco.imgs)}
         self._check_files_exist()
+        self._targets = self._index_targets(scale)
         ids = sorted(self.coco.imgs)
-        self.image_ids = [i for i in ids if len(self._boxes[i][0])] if train else ids
+        self.image_ids: list[int] = [i for i in ids if i in self._targets] if train else ids
 
     @property
     def num_skipped(self) -> int:
@@ -106,50 +197,50 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _load_boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Non-crowd boxes as xyxy clipped to the image, degenerate ones dropped."""
-        info = self.coco.imgs[image_id]
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        unknown = [a["category_id"] for a in anns if a["category_id"] not in self._label_of]
-        if unknown:
-            raise DataError(
-                f"{self.ann_file}: an annotation of image {image_id} has category_id "
-                f"{unknown[0]}, which is not in 'categories'.",
-                hint="Every annotation's category_id must be listed in 'categories'.",
-            )
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, info["width"])
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, info["height"])
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        labels = np.array([self._label_of[a["category_id"]] for a in anns], dtype=np.int64)
-        return boxes[keep], labels.reshape(-1)[keep]
-
     def _check_files_exist(self) -> None:
+        folder = str(self.image_dir)
         missing = [
             info["file_name"]
             for info in self.coco.imgs.values()
-            if not (self.image_dir / info["file_name"]).is_file()
+            if not os.path.isfile(os.path.join(folder, info["file_name"]))
         ]
         if missing:
+            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise DataError(
-                f"Image {self.image_dir / missing[0]} named in {self.ann_file} does not exist"
-                + (f" ({len(missing) - 1} more missing)." if len(missing) > 1 else "."),
+                f"Image {self.image_dir / missing[0]} named in {self.ann_file} does not "
+                f"exist{more}.",
                 hint="Check that the image folder belongs to this annotation file.",
             )
 
-    def read_image(self, image_id: int) -> Tensor:
-        """(3, H, W) uint8 RGB; grayscale/RGBA converted, EXIF orientation applied."""
-        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
-        try:
-            return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except (RuntimeError, ValueError) as exc:
-            raise DataError(
-                f"Image {path} cannot be read ({str(exc).splitlines()[0][:80]}).",
-                hint="Replace the file, or pass --skip-bad-images to skip unreadable images.",
-            ) from None
+    def _index_targets(self, scale: tuple[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """image id -> (boxes (N, 4) float32 xyxy in original pixels, labels (N,) int64), for
+        images with at least one usable box; vectorised over all annotations at once."""
+        anns = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+        label_of = {cid: k for k, cid in enumerate(self.category_ids)}
+        image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64)
+        labels = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        imgs = self.coco.imgs
+        size = np.array([(imgs[i]["width"], imgs[i]["height"]) for i in image_ids.tolist()])
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        boxes = boxes.clip(0, np.tile(size.reshape(-1, 2), 2))
+        # Drop here what the transforms would drop, so a training image keeps only if it
+        # really yields targets: the resize factor of each box's image, as the resize uses.
+        factor = {i: _resize_factor(info, scale) for i, info in imgs.items()}
+        box_factor = np.array([factor[i] for i in image_ids.tolist()]).reshape(-1, 2)
+        keep = ((boxes[:, 2:] - boxes[:, :2]) * box_factor >= MIN_BOX_SIZE).all(axis=1)
+        image_ids, boxes, labels = image_ids[keep], boxes[keep].astype(np.float32), labels[keep]
+        order = np.argsort(image_ids, kind="stable")
+        ids, starts = np.unique(image_ids[order], return_index=True)
+        box_groups = np.split(boxes[order], starts[1:])
+        label_groups = np.split(labels[order], starts[1:])
+        # zip stops at len(ids): with no boxes at all np.split still returns one empty group
+        return {int(i): (b, lab) for i, b, lab in zip(ids, box_groups, label_groups, strict=False)}
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        """(image (3, h, w) uint8 RGB resized, Target in resized coordinates)."""
+        if not -len(self) <= index < len(self):  # plain iteration stops on IndexError
+            raise IndexError(f"index {index} out of range for {len(self)} images")
         for offset in range(len(self.image_ids)):
             image_id = self.image_ids[(index + offset) % len(self.image_ids)]
             try:
@@ -158,19 +249,30 @@ class CocoDetection(Dataset):
                 if not self.skip_bad_images:
                     raise
                 self.skipped.add(image_id)
-        raise DataError(f"No image in {self.image_dir} could be read.")
+        raise DataError(
+            f"No image in {self.image_dir} could be read.",
+            hint="Check the image folder; every image failed to decode.",
+        )
 
     def _sample(self, image_id: int) -> tuple[Tensor, Target]:
-        image = self.read_image(image_id)
+        image = read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
         height, width = image.shape[-2:]
-        boxes, labels = self._boxes[image_id]
+        boxes, labels = self._targets.get(image_id, _NO_TARGETS)
         boxes = torch.from_numpy(boxes.copy())
+        # The json's width/height may disagree with the file; the decoded pixels win.
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        image, boxes, labels = apply(self.transforms, image, boxes, torch.from_numpy(labels))
-        new_h, new_w = image.shape[-2:]
-        scale = (new_w / width, new_h / height)
+        image, boxes, labels = transform_sample(
+            self.transforms, image, boxes, torch.from_numpy(labels.copy())
+        )
+        scale = (image.shape[-1] / width, image.shape[-2] / height)
         return image, Target(boxes.float(), labels.long(), image_id, (height, width), scale)
 
-    def dataset_info(self) -> dict[str, Any]:
-        return {"images": len(self), "classes": len(self.class_names), "skipped": self.num_skipped}
+
+_NO_TARGETS = (np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))
+
+
+def _resize_factor(info: dict, scale: tuple[int, int]) -> tuple[float, float]:
+    """(sx, sy) that `KeepRatioResize` applies to an image of the json's width and height."""
+    new_h, new_w = keep_ratio_size(info["height"], info["width"], scale)
+    return new_w / info["width"], new_h / info["height"]

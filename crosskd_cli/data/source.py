@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from crosskd_cli.data.builtin import ensure_shapes, parse_params
 from crosskd_cli.errors import DataError
 
-BUILTIN = {"shapes": (parse_params, ensure_shapes)}  # name -> (parse knobs, generate/cache)
+BUILTIN = {"shapes": (parse_params, ensure_shapes)}  # name -> (parse knobs, generate or reuse)
 CUSTOM_PREFIX = "custom:"  # how explicit paths are recorded, so `crosskd eval` finds them again
+LAYOUT_HINT = (
+    "Expected a COCO-layout folder: annotations/instances_{train,val}2017.json, train2017/ and "
+    "val2017/ (train parts optional for eval); or pass --train-ann/--train-images/--val-ann/"
+    "--val-images; or use --data builtin:shapes."
+)
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where the splits of a data set live. `spec` is what the user typed (recorded in
-    checkpoints, so `crosskd eval FILE` finds the same data again)."""
+    """Where the splits of a data set live.
+
+    `spec` reproduces the source (it is recorded in checkpoints, so `crosskd eval FILE` finds
+    the same data again): the builtin spec as typed, a folder as its absolute path, explicit
+    paths as `custom:` + a JSON list of the four absolute paths. train_* are None when the
+    source has no training split (evaluation only).
+    """
 
     spec: str
     train_ann: Path | None
@@ -32,9 +43,14 @@ def resolve_data(
     train_images: Path | None = None,
     val_ann: Path | None = None,
     val_images: Path | None = None,
-    progress=None,
+    cache_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DataSource:
-    """Turn --data (or the explicit split paths) into the four paths of a COCO data set."""
+    """Turn --data (or the explicit split paths) into the four paths of a COCO data set.
+
+    cache_dir: where built-in data sets are generated (default `builtin_cache_dir()`);
+    progress(done, total): called per image while a built-in data set is being generated.
+    """
     explicit = (train_ann, train_images, val_ann, val_images)
     if spec is not None and any(p is not None for p in explicit):
         raise DataError(
@@ -44,55 +60,61 @@ def resolve_data(
     if spec is None:
         return _custom(*explicit)
     if spec.startswith("builtin:"):
-        return _builtin(spec, progress)
+        return _builtin(spec, cache_dir, progress)
     if spec.startswith(CUSTOM_PREFIX):
-        paths = json.loads(spec[len(CUSTOM_PREFIX) :])
-        return _custom(*(Path(p) if p else None for p in paths))
-    return _coco_folder(Path(spec).expanduser(), spec)
+        return _custom(*_recorded_paths(spec))
+    return _coco_folder(Path(spec).expanduser())
 
 
-def _builtin(spec: str, progress) -> DataSource:
-    _, _, rest = spec.partition(":")
-    name, _, knobs = rest.partition(":")
+def _builtin(spec: str, cache_dir: Path | None, progress) -> DataSource:
+    name, _, knobs = spec.removeprefix("builtin:").partition(":")
     if name not in BUILTIN:
         raise DataError(
             f"Built-in data set '{name}' does not exist.",
-            hint=f"Built-in data sets: {', '.join('builtin:' + n for n in BUILTIN)}",
+            hint=f"Built-in data sets: {', '.join('builtin:' + n for n in BUILTIN)} "
+            "(parameters as in builtin:shapes:seed=3,images=2000).",
         )
     parse, ensure = BUILTIN[name]
-    root = ensure(parse(knobs), progress)
-    return _layout(root, spec)
+    root = ensure(parse(knobs), cache_dir=cache_dir, progress=progress)
+    return DataSource(spec, *_layout(root))
 
 
-def _coco_folder(root: Path, spec: str) -> DataSource:
+def _coco_folder(root: Path) -> DataSource:
     if not root.is_dir():
-        raise DataError(
-            f"Data folder {root} does not exist.",
-            hint="Give a COCO-layout folder, builtin:shapes, or --train-ann/--train-images/"
-            "--val-ann/--val-images.",
-        )
-    source = _layout(root, spec)
-    for path in (source.val_ann, source.val_images):
+        raise DataError(f"Data folder {root} does not exist.", hint=LAYOUT_HINT)
+    root = root.resolve()
+    train_ann, train_images, val_ann, val_images = _layout(root)
+    for path in (val_ann, val_images):
         if not path.exists():
             raise DataError(
-                f"{root} is not a COCO-layout folder: {path} is missing.",
-                hint="Expected annotations/instances_{train,val}2017.json, train2017/ and "
-                "val2017/ (or pass --train-ann/--train-images/--val-ann/--val-images).",
+                f"{root} is not a COCO-layout folder: {path} is missing.", hint=LAYOUT_HINT
             )
-    if not (source.train_ann.exists() and source.train_images.exists()):
-        return DataSource(spec, None, None, source.val_ann, source.val_images)
-    return source
+    if not (train_ann.is_file() and train_images.is_dir()):  # e.g. only val2017 downloaded
+        train_ann = train_images = None
+    return DataSource(str(root), train_ann, train_images, val_ann, val_images)
 
 
-def _layout(root: Path, spec: str) -> DataSource:
+def _layout(root: Path) -> tuple[Path, Path, Path, Path]:
     ann = root / "annotations"
-    return DataSource(
-        spec,
+    return (
         ann / "instances_train2017.json",
         root / "train2017",
         ann / "instances_val2017.json",
         root / "val2017",
     )
+
+
+def _recorded_paths(spec: str) -> list[Path | None]:
+    try:
+        paths = json.loads(spec.removeprefix(CUSTOM_PREFIX))
+        if not (isinstance(paths, list) and len(paths) == 4):
+            raise ValueError
+    except ValueError:
+        raise DataError(
+            f"Data spec '{spec}' is not a valid recorded custom data set.",
+            hint="Pass --val-ann and --val-images (and --train-*) explicitly instead.",
+        ) from None
+    return [Path(p) if p else None for p in paths]
 
 
 def _custom(train_ann, train_images, val_ann, val_images) -> DataSource:
@@ -107,11 +129,13 @@ def _custom(train_ann, train_images, val_ann, val_images) -> DataSource:
             "--train-ann and --train-images go together; only one was given.",
             hint="Pass both, or neither for evaluation only.",
         )
-    paths = [train_ann, train_images, val_ann, val_images]
-    absolute = [str(Path(p).expanduser().resolve()) if p else None for p in paths]
-    for given, path in zip(paths, absolute, strict=True):
-        if given is not None and not Path(path).exists():
-            raise DataError(f"{given} does not exist.", hint="Check the path.")
-    spec = CUSTOM_PREFIX + json.dumps(absolute)
-    resolved = [Path(p) if p else None for p in absolute]
+    given = [train_ann, train_images, val_ann, val_images]
+    resolved = [Path(p).expanduser().resolve() if p is not None else None for p in given]
+    for path, kind in zip(resolved, ("file", "folder", "file", "folder"), strict=True):
+        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+            raise DataError(
+                f"{path} does not exist or is not a {kind}.",
+                hint="Annotation paths are COCO json files; image paths are folders of images.",
+            )
+    spec = CUSTOM_PREFIX + json.dumps([str(p) if p else None for p in resolved])
     return DataSource(spec, *resolved)

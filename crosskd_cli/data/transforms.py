@@ -1,21 +1,24 @@
-"""Training and test transforms on torchvision.transforms.v2, with tv_tensors boxes."""
+"""Train and test transforms on torchvision.transforms.v2, with tv_tensors boxes."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-MIN_BOX_SIZE = 1.0  # px after resizing; smaller boxes are degenerate and dropped
+MIN_BOX_SIZE = 1.0  # px after resizing; narrower or shorter boxes are degenerate and dropped
 
 
 def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """Size that fits (h, w) into scale = (long side max, short side max), keeping the ratio.
+    """(h, w) resized to fit `scale` = (long side max, short side max), keeping the ratio.
 
-    MMDetection's rule: factor = min(long / max(h, w), short / min(h, w)), sizes rounded half up.
+    MMDetection's rule, so imported teachers see the pixels they were trained on:
+    factor = min(long_max / max(h, w), short_max / min(h, w)), sizes rounded half up.
+    The order of `scale` does not matter: (1333, 800) and (800, 1333) are the same limit.
     """
     long_max, short_max = max(scale), min(scale)
     factor = min(long_max / max(height, width), short_max / min(height, width))
@@ -23,8 +26,11 @@ def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[in
 
 
 class KeepRatioResize(v2.Transform):
-    """Resize image and boxes together to `keep_ratio_size`; bilinear without antialias, as
-    OpenCV's resize that MMDetection uses."""
+    """Resize the image and its boxes together to `keep_ratio_size`.
+
+    Bilinear without antialiasing, like the OpenCV resize MMDetection uses. The only transform
+    at test time, so train-time evaluation and `crosskd eval` resize identically.
+    """
 
     def __init__(self, scale: tuple[int, int]) -> None:
         super().__init__()
@@ -39,7 +45,11 @@ class KeepRatioResize(v2.Transform):
 
 
 def build_transforms(train: bool, scale: tuple[int, int], flip_prob: float = 0.5) -> v2.Compose:
-    """Resize (and flip while training), then drop boxes that became degenerate."""
+    """Resize (and, when training, flip with probability `flip_prob` drawn from torch's RNG),
+    then clamp boxes to the image and drop those that became degenerate.
+
+    `scale` is one (long, short) limit; multi-scale training would pick one per image here.
+    """
     steps: list[v2.Transform] = [KeepRatioResize(scale)]
     if train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
@@ -50,10 +60,11 @@ def build_transforms(train: bool, scale: tuple[int, int], flip_prob: float = 0.5
     return v2.Compose(steps)
 
 
-def apply(
-    transforms: v2.Compose, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """image (3, H, W) uint8, boxes (N, 4) xyxy -> the transformed triple."""
+def transform_sample(
+    transforms: v2.Compose, image: Tensor, boxes: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """image (3, H, W) uint8, boxes (N, 4) xyxy float, labels (N,) -> the transformed triple,
+    as plain tensors (boxes may lose rows, labels the same rows)."""
     sample = {
         "image": tv_tensors.Image(image),
         "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
