@@ -19,18 +19,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import Tensor, nn
 
 from crosskd_cli.config import TrainConfig
 from crosskd_cli.errors import RunError
+from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import TRAINER_STATE, RunDir, append_results, write_json
 
 StepFn = Callable[[nn.Module, Any], dict[str, Tensor]]
@@ -135,6 +129,7 @@ class Trainer:
         self.run = run
         self.console = console
         self.state = TrainerState()
+        self._pending_row: dict[str, Any] = {}  # the epoch's losses, written after evaluation
         self.resume_hint = resume_hint  # the command that resumes this run, shown on interruption
 
     def reduce_mean(self, value: Tensor) -> Tensor:
@@ -257,7 +252,7 @@ class Trainer:
     def _end_epoch(self, model, evaluate_fn, save_fn, total) -> None:
         state, cfg = self.state, self.cfg
         finished = state.iteration >= total
-        row = getattr(self, "_pending_row", {"epoch": state.epoch + 1})
+        row = self._pending_row or {"epoch": state.epoch + 1}
         evaluate_now = finished or (
             cfg.eval_interval and (state.epoch + 1) % cfg.eval_interval == 0
         )
@@ -306,18 +301,7 @@ class Trainer:
         self.state = TrainerState(**data)
 
     def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
-            console=self.console,
-            disable=not self.is_main,
-            transient=False,
-        )
+        return progress_bar(self.console, disable=not self.is_main, losses=True)
 
 
 class ZeroWatch:

@@ -271,3 +271,36 @@ def test_an_unwritable_destination_is_a_checkpoint_error(tmp_path):
     (tmp_path / "runs").write_text("a file where a folder should be")
     with pytest.raises(CheckpointError, match="Could not write checkpoint .*runs/best"):
         save_checkpoint(tmp_path / "runs" / "best.safetensors", {"w": torch.ones(1)}, make_meta())
+
+
+def test_a_detector_survives_the_checkpoint_round_trip_with_identical_outputs(tmp_path):
+    from crosskd_cli.models import build_detector
+
+    spec = ModelSpec(
+        backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8
+    )
+    torch.manual_seed(0)
+    model = build_detector(spec).eval()
+    meta = CheckpointMeta(
+        model=spec,
+        class_names=["a", "b", "c"],
+        category_ids=[1, 5, 9],
+        preset="p",
+        val_data="builtin:shapes",
+        image_scale=(96, 96),
+        eval_batch_size=2,
+        crosskd_version="0.1.0",
+        kind="teacher",
+    )
+    save_checkpoint(tmp_path / "d.safetensors", model.state_dict(), meta)
+    state, loaded_meta = load_checkpoint(tmp_path / "d.safetensors")
+    torch.manual_seed(1)
+    rebuilt = build_detector(loaded_meta.model).eval()
+    load_state_into(rebuilt, state, source="d.safetensors")
+    images = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = model(images), rebuilt(images)
+    for x, y in zip(
+        a.head.cls_logits + a.head.box_preds, b.head.cls_logits + b.head.box_preds, strict=True
+    ):
+        assert torch.equal(x, y)

@@ -163,3 +163,13 @@ def test_without_crosskd_cache_the_xdg_cache_and_then_home_are_used(monkeypatch)
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "/home/someone")
     assert cache_root() == Path("/home/someone/.cache/crosskd")
+
+
+def test_an_unwritable_cache_is_named_with_a_way_out(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError) as info:
+        resolve_data(SMALL, cache_dir=tmp_path / "file" / "cache")
+    assert info.value.message == (
+        f"Cannot write the built-in data set to {tmp_path / 'file' / 'cache'} (Not a directory)."
+    )
+    assert "CROSSKD_CACHE" in info.value.hint

@@ -7,19 +7,11 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from crosskd_cli.config import Preset
 from crosskd_cli.data import DataSource, resolve_data
 from crosskd_cli.errors import DataError, RunError
+from crosskd_cli.metrics import metrics_table
 
 
 def data_source(
@@ -54,17 +46,7 @@ def command_line() -> str:
 
 
 def print_run_summary(console: Console, run, state) -> None:
-    metrics = state.metrics
-    table = Table(title=f"Run {run.root}", show_header=True)
-    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        table.add_column(name, justify="right")
-    table.add_row(
-        *(
-            f"{metrics.get(k, float('nan')):.1f}"
-            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        )
-    )
-    console.print(table)
+    console.print(metrics_table(state.metrics, f"Run {run.root}"))
     console.print(
         f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
         f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
@@ -79,15 +61,3 @@ def refuse_to_clobber(paths: list[Path]) -> None:
             f"{taken[0]} already exists.",
             hint="Add --overwrite to replace it, or pick another --out.",
         )
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from crosskd_cli.commands._common import progress_bar, refuse_to_clobber
+from crosskd_cli.commands._common import refuse_to_clobber
 from crosskd_cli.commands._options import DataOpt, ValAnnOpt, ValImagesOpt
 from crosskd_cli.metrics import metrics_table, per_class_table
+from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import write_json
 
 console = Console()
@@ -54,7 +55,7 @@ def evaluate(
 
     With no --data, evaluates on the validation data recorded in the checkpoint.
 
-    Example: crosskd eval runs/distill/shapes-gfl-r50-to-r18/best.safetensors
+    Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
     from crosskd_cli.evaluate import evaluate_checkpoint
 

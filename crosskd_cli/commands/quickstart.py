@@ -19,7 +19,7 @@ console = Console()
 def quickstart(
     preset: Annotated[
         str, typer.Option("--preset", "-p", help="A pair preset.")
-    ] = "shapes-gfl-r50-to-r18",
+    ] = "shapes-gfl-r34-to-r18",
     data: DataOpt = None,
     overrides: SetOpt = None,
     out: Annotated[
@@ -41,7 +41,7 @@ def quickstart(
     if not pair.is_pair:
         raise RunError(
             f"Preset '{preset}' is not a teacher/student pair.",
-            hint="Use a pair preset such as shapes-gfl-r50-to-r18.",
+            hint="Use a pair preset such as shapes-gfl-r34-to-r18.",
         )
     source = data_source(data, pair, None, None, None, None)
     rows = run_quickstart(pair, source, out, list(overrides or []), console)

@@ -1,7 +1,7 @@
 """COCO-format data: sources, the dataset, transforms, batching, and the built-in data set."""
 
 from crosskd_cli.data.builtin import builtin_cache_dir, cache_root
-from crosskd_cli.data.coco import CocoDetection
+from crosskd_cli.data.coco import CocoDetection, read_image
 from crosskd_cli.data.collate import build_loader, collate
 from crosskd_cli.data.source import DataSource, resolve_data
 
@@ -12,5 +12,6 @@ __all__ = [
     "builtin_cache_dir",
     "cache_root",
     "collate",
+    "read_image",
     "resolve_data",
 ]

@@ -148,19 +148,20 @@ def ensure_shapes(
     root = Path(cache_dir or builtin_cache_dir()) / params.key()
     if _is_complete(root, params):
         return root
+    tmp = None
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    except OSError as exc:
-        raise DataError(
-            f"Cannot write the built-in data set to {root.parent} ({exc.strerror}).",
-            hint="Set CROSSKD_CACHE to a writable folder.",
-        ) from None
-    try:
         _generate(tmp, params, progress)
         _install(tmp, root, params)
+    except OSError as exc:  # unwritable cache, full disk
+        raise DataError(
+            f"Cannot write the built-in data set to {root.parent} ({exc.strerror or exc}).",
+            hint="Set CROSSKD_CACHE to a writable folder with a few MB free.",
+        ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

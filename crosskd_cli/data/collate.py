@@ -8,11 +8,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from crosskd_cli.structures import Batch, Target
 
-SIZE_DIVISOR = 32  # the largest backbone stride; P3-P7 then tile the padded image exactly
+SIZE_DIVISOR = 32  # the backbone's C5 stride: C3-C5 then tile the padded image exactly
 
 
 def collate(samples: list[tuple[Tensor, Target]]) -> Batch:
-    """Zero-pad (right/bottom) uint8 images to the batch's max size rounded up to /32."""
+    """Stack (image (3, h, w) uint8, Target) samples into one Batch.
+
+    Images are zero-padded on the right and bottom to the batch's largest h and w, each rounded
+    up to a multiple of 32: images (B, 3, H, W); image_sizes keeps every unpadded (h, w).
+    """
     images = [image for image, _ in samples]
     sizes = [tuple(image.shape[-2:]) for image in images]
     height = -(-max(h for h, _ in sizes) // SIZE_DIVISOR) * SIZE_DIVISOR
@@ -32,7 +36,8 @@ def build_loader(
     seed: int = 0,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose order (and worker seeds) depend only on `seed`."""
+    """A DataLoader of `Batch`es whose order (and worker seeds) depend only on `seed`: the
+    shuffle draws from its own generator, never from torch's global RNG."""
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -10,6 +10,8 @@ its predictors in `predict`. The cross-head forward of the distiller is then gen
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 
@@ -61,7 +63,7 @@ def build_tower(
     )
 
 
-class DenseHead(nn.Module):
+class DenseHead(nn.Module, ABC):
     """Shared towers `cls_tower` / `reg_tower` run on every FPN level with shared weights.
 
     Tap index k in 0..stacked_convs: 0 is the FPN feature itself, k > 0 the pre-ReLU output of
@@ -94,9 +96,9 @@ class DenseHead(nn.Module):
         """Channels the predictors read: the last block's, or the FPN's with no tower."""
         return self.feat_channels if self.stacked_convs > 0 else self.in_channels
 
+    @abstractmethod
     def predict(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
         """Predictors on the towers' final outputs of one level -> (cls_logits, box_preds)."""
-        raise NotImplementedError
 
     def check_index(self, index: int, name: str = "tap index") -> None:
         """Refuse an index outside 0..stacked_convs, naming the valid range."""

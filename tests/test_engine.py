@@ -1,0 +1,42 @@
+"""The training loop's schedule, lr scaling and the zero-KD warning."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from crosskd_cli.config import TrainConfig
+from crosskd_cli.engine import ZeroWatch, lr_factor, scaled_lr
+
+
+def test_lr_scales_linearly_with_the_total_batch():
+    cfg = TrainConfig(lr=0.01, batch_size=2, base_batch_size=16)
+    assert scaled_lr(cfg, num_processes=8) == pytest.approx(0.01)
+    assert scaled_lr(cfg, num_processes=1) == pytest.approx(0.00125)
+
+
+def test_warmup_is_linear_from_the_ratio_and_decay_happens_at_epoch_milestones():
+    cfg = TrainConfig(warmup_iters=500, warmup_ratio=0.001, milestones=(8, 11), gamma=0.1)
+    factor = lr_factor(cfg, iters_per_epoch=100)
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(250) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert factor(500) == 1.0 and factor(799) == 1.0
+    assert factor(800) == pytest.approx(0.1) and factor(1100) == pytest.approx(0.01)
+
+
+def test_milestones_count_iterations_when_training_by_iterations():
+    cfg = TrainConfig(max_iters=300, warmup_iters=0, milestones=(200,), gamma=0.1)
+    factor = lr_factor(cfg, iters_per_epoch=1000)
+    assert factor(199) == 1.0 and factor(200) == pytest.approx(0.1)
+
+
+def test_a_kd_term_stuck_at_zero_is_reported_once():
+    console = Console(record=True, width=200)
+    watch = ZeroWatch(("kd_cross_cls", "kd_cross_box"))
+    watch.check({"kd_cross_cls": 0.0, "kd_cross_box": 0.2}, iteration=10, console=console)
+    assert console.export_text() == ""  # too early to judge
+    watch.check({"kd_cross_cls": 0.0, "kd_cross_box": 0.2}, iteration=20, console=console)
+    watch.check({"kd_cross_cls": 0.0, "kd_cross_box": 0.2}, iteration=30, console=console)
+    text = console.export_text()
+    assert text.count("kd_cross_cls has stayed exactly 0 for the first 20 iterations") == 1
+    assert "kd_cross_box" not in text
