@@ -27,6 +27,30 @@ def test_every_shipped_preset_loads_into_typed_dataclasses():
             assert load_preset(preset.teacher.preset).model.family == preset.model.family
 
 
+PAPER_GFL_PAIRS = {
+    # preset: (teacher backbone, student backbone, method, the paper's CrossKD AP key)
+    "gfl-r101-to-r50": ("resnet101", "resnet50", "crosskd", "crosskd_coco_val_ap"),
+    "gfl-r101-to-r50-pkd": ("resnet101", "resnet50", "crosskd+pkd", "crosskd_pkd_coco_val_ap"),
+    "gfl-r50-to-r18": ("resnet50", "resnet18", "crosskd", "crosskd_coco_val_ap"),
+    "gfl-r101-to-r18": ("resnet101", "resnet18", "crosskd", "crosskd_coco_val_ap"),
+    "gfl-r101-to-r34": ("resnet101", "resnet34", "crosskd", "crosskd_coco_val_ap"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GFL_PAIRS))
+def test_every_paper_gfl_pair_is_compatible_at_index_3_with_its_reference(name):
+    from crosskd_cli.pairing import pair_problems
+
+    teacher_backbone, student_backbone, method, reference_key = PAPER_GFL_PAIRS[name]
+    pair = load_preset(name)
+    teacher = load_preset(pair.teacher.preset)
+    assert (teacher.model.backbone, pair.model.backbone) == (teacher_backbone, student_backbone)
+    assert (pair.distill.method, pair.distill.cross_index) == (method, 3)
+    assert pair_problems(teacher.model, pair.model, 3) == []
+    assert pair.reference[reference_key] > pair.reference.get("student_coco_val_ap", 0)
+    assert "not a crosskd result" in pair.reference["source"]
+
+
 def test_pair_preset_records_the_papers_numbers_as_reference_only():
     preset = load_preset("gfl-r101-to-r50")
     assert preset.distill.cross_index == 3
