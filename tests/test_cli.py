@@ -65,6 +65,14 @@ def test_bare_inspect_shows_the_default_pair_and_lists_the_presets():
     assert "Compatible" in result.output and "shapes-gfl-r50" in result.output
 
 
+def test_inspect_table_puts_each_per_level_scale_under_its_own_level():
+    result = runner.invoke(app, ["inspect", "--preset", "gfl-r101-to-r50"], env={"COLUMNS": "160"})
+    scale_rows = [line for line in result.output.splitlines() if "scales.4" in line]
+    cells = [cell.strip() for cell in scale_rows[0].split("│")[1:-1]]
+    # layer, out ch, P3..P7, params, cross branch: P7 (7x11 at 800x1333) is the only shape
+    assert cells[:8] == ["scales.4", "68", "", "", "", "", "7x11", "1"]
+
+
 def test_inspect_json_reports_shapes_reused_layers_and_compatibility():
     result = invoke(
         "inspect", "--preset", "gfl-r101-to-r50", "--cross-index", "3", "--format", "json"

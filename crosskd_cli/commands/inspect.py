@@ -177,13 +177,13 @@ def _head_table(report, title: str, index: int | None, side: str | None) -> Tabl
     table.add_row(*first, *([_role(None, index, side, tap0=True)] if side else []))
     for row in report.layers:
         shapes = row.shapes
-        per_level = [f"{s[1]}x{s[2]}" if len(s) == 3 else "-" for s in shapes]
-        if len(per_level) == 1:  # a per-level Scale runs on one level only
-            per_level = per_level + [""] * (len(levels) - 1)
+        # Match calls to levels by their size: a per-level Scale runs on its own level only
+        sizes = {tuple(s[1:]) for s in shapes}
+        per_level = [f"{h}x{w}" if (h, w) in sizes else "" for _, h, w in report.level_shapes]
         cells = [
             row.name,
             str(shapes[0][0]) if shapes[0] else "1",
-            *per_level[: len(levels)],
+            *per_level,
             f"{row.params:,}",
         ]
         table.add_row(*cells, *([_role(row, index, side)] if side else []))
