@@ -51,7 +51,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm, None = no clipping
     eval_interval: int = 0  # evaluate every N epochs (0 = only at the end)
     eval_batch_size: int = 8  # per process; recorded in checkpoints so `eval` matches exactly
-    mixed_precision: str = "no"  # no, fp16 or bf16 (Accelerate)
+    # no, fp16, bf16, or auto: bf16 where the device runs it natively (a GPU with bf16, a CPU
+    # with AVX512-BF16/AMX), fp32 elsewhere. The training step only; evaluation stays fp32.
+    mixed_precision: str = "no"
     seed: int = 0  # model initialisation and data order
     log_interval: int = 10  # iterations between loss syncs for logging
 

@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,12 +76,49 @@ def from_main_process(make: Callable[[], Any]) -> Any:
     return broadcast_object_list([value])[0]
 
 
+PRECISIONS = ("no", "fp16", "bf16", "auto")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Does this device compute in bf16 natively, so that autocasting to it saves time?
+
+    CPUs without AVX512-BF16 or AMX emulate bf16 and get slower, not faster.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so stay in fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """`train.mixed_precision` -> no, fp16 or bf16; auto is bf16 where it is native, else no."""
+    if requested not in PRECISIONS:
+        raise RunError(
+            f"train.mixed_precision '{requested}' is not known.",
+            hint=f"Use one of: {', '.join(PRECISIONS)} (--set train.mixed_precision=auto).",
+        )
+    if requested == "auto":
+        return "bf16" if native_bf16(device_type) else "no"
+    return requested
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """One Accelerator per run: device, processes, mixed precision, seedable data order."""
+    """One Accelerator per run: device, processes, fp16 mixed precision, seedable data order.
+
+    bf16 is not handed to Accelerate: it would also autocast the model's forward for good, so
+    evaluation during training would run in bf16 and `crosskd eval` (fp32) could not reproduce
+    the recorded AP. The Trainer autocasts the training step alone instead. fp16 stays with
+    Accelerate, which owns the gradient scaler it needs.
+    """
     process_state()  # fixes CPU-or-GPU before the Accelerator reads it
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.mixed_precision, device_type)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
+        cpu=device_type == "cpu",
+        mixed_precision="fp16" if precision == "fp16" else "no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the schedule is per iteration, stepped by hand
     )
@@ -126,6 +164,7 @@ class Trainer:
     ) -> None:
         self.accelerator = accelerator
         self.cfg = cfg
+        self.precision = resolve_precision(cfg.mixed_precision, accelerator.device.type)
         self.run = run
         self.console = console
         self.state = TrainerState()
@@ -139,6 +178,12 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def autocast(self):
+        """The training step's precision context; it covers the unwrapped teacher too."""
+        if self.precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def prepare_frozen(self, model: nn.Module) -> nn.Module:
         """Place a frozen model (the teacher): on the device, eval mode, never DDP-wrapped."""
@@ -176,6 +221,8 @@ class Trainer:
         if resume:
             self._load_state()
         watcher = ZeroWatch(watch_zero)
+        if self.precision != "no" and self.is_main:
+            self.console.print(f"[dim]Training steps in {self.precision} mixed precision.[/]")
         with self._progress() as progress:
             task = progress.add_task(
                 "train", total=total, completed=self.state.iteration, losses=""
@@ -210,7 +257,7 @@ class Trainer:
         model.train()
         try:
             for batch in batches:
-                with acc.autocast():  # covers the teacher too, which is not wrapped
+                with self.autocast():
                     losses = step_fn(model, batch)
                 loss = sum(losses.values())
                 acc.backward(loss)

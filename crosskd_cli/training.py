@@ -141,6 +141,7 @@ def run_job(
             "iterations": trainer.state.iteration,
             "seconds": round(trainer.state.wall_time, 1),
             "processes": acc.num_processes,
+            "precision": trainer.precision,
         }
         meta = CheckpointMeta(
             model=job.spec,

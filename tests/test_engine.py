@@ -40,3 +40,60 @@ def test_a_kd_term_stuck_at_zero_is_reported_once():
     text = console.export_text()
     assert text.count("kd_cross_cls has stayed exactly 0 for the first 20 iterations") == 1
     assert "kd_cross_box" not in text
+
+
+def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypatch):
+    import crosskd_cli.engine as engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device_type: device_type == "cuda")
+    assert engine.resolve_precision("auto", "cuda") == "bf16"
+    assert engine.resolve_precision("auto", "cpu") == "no"
+    assert engine.resolve_precision("fp16", "cpu") == "fp16"
+
+
+def test_an_unknown_precision_is_named_with_the_valid_ones():
+    from crosskd_cli.engine import resolve_precision
+    from crosskd_cli.errors import RunError
+
+    with pytest.raises(RunError, match="train.mixed_precision 'bf32' is not known") as info:
+        resolve_precision("bf32", "cpu")
+    assert "no, fp16, bf16, auto" in info.value.hint
+
+
+def test_bf16_autocasts_the_training_step_but_evaluation_runs_in_fp32(tmp_path):
+    """Evaluation in fp32 is what lets `crosskd eval` reproduce the recorded AP exactly."""
+    import torch
+    from torch import nn
+
+    from crosskd_cli.engine import Trainer, make_accelerator
+    from crosskd_cli.runs import RunDir
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 1)
+            self.autocast_seen: list[bool] = []
+
+        def forward(self, x):
+            self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x)
+
+    cfg = TrainConfig(max_iters=2, warmup_iters=0, milestones=(), mixed_precision="bf16")
+    probe = Probe()
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(make_accelerator(cfg), cfg, RunDir(tmp_path / "run"), Console(quiet=True))
+    in_evaluation = []
+
+    def step(model, batch):
+        return {"loss": model(batch).float().pow(2).mean()}
+
+    def evaluate(model):
+        with torch.no_grad():
+            model(torch.ones(1, 4))
+        in_evaluation.append(probe.autocast_seen[-1])
+        return {"AP": 1.0}
+
+    loader = torch.utils.data.DataLoader(torch.ones(4, 4), batch_size=2)
+    trainer.fit(probe, step, loader, evaluate, lambda model, name, metrics: None)
+    assert probe.autocast_seen[:2] == [True, True]  # the two training steps
+    assert in_evaluation == [False]
