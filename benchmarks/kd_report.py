@@ -230,10 +230,8 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     labels = [r["label"] for r in rows]
     means = [r["AP"]["mean"] for r in rows]
     errors = [r["AP"]["std"] or 0.0 for r in rows]
-    colours = [
-        "#888888" if r["method"] == "none" else "#d08c30" if "mimic" in r["method"] else "#3070b0"
-        for r in rows
-    ]
+    palette = {"none": "#888888", "mimic": "#d08c30", "pkd": "#4a9a50", "crosskd+mimic": "#8a5ab0"}
+    colours = [palette.get(r["method"], "#3070b0") for r in rows]  # crosskd, crosskd+pkd: blue
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.0))
     ax.bar(range(len(rows)), means, yerr=errors, color=colours, capsize=3)
     if summary["teacher"]:

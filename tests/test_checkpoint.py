@@ -281,17 +281,7 @@ def test_a_detector_survives_the_checkpoint_round_trip_with_identical_outputs(tm
     )
     torch.manual_seed(0)
     model = build_detector(spec).eval()
-    meta = CheckpointMeta(
-        model=spec,
-        class_names=["a", "b", "c"],
-        category_ids=[1, 5, 9],
-        preset="p",
-        val_data="builtin:shapes",
-        image_scale=(96, 96),
-        eval_batch_size=2,
-        crosskd_version="0.1.0",
-        kind="teacher",
-    )
+    meta = make_meta(model=spec, class_names=["a", "b", "c"], category_ids=[1, 5, 9])
     save_checkpoint(tmp_path / "d.safetensors", model.state_dict(), meta)
     state, loaded_meta = load_checkpoint(tmp_path / "d.safetensors")
     torch.manual_seed(1)
