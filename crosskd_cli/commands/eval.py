@@ -113,9 +113,15 @@ def eval_data_source(
     """--data or --val-ann/--val-images, else the validation data recorded in the checkpoint."""
     from crosskd_cli.checkpoint import read_meta
     from crosskd_cli.data import resolve_data
+    from crosskd_cli.errors import DataError
 
     if data is None and val_ann is None and val_images is None:
         meta = read_meta(checkpoint)
+        if not meta.val_data:
+            raise DataError(
+                f"{checkpoint.name} records no validation data (an imported teacher).",
+                hint=f"Pass it: crosskd eval {checkpoint} --data DATA (or --val-ann/--val-images).",
+            )
         console.print(
             f"No --data given: evaluating on the checkpoint's validation data "
             f"[cyan]{meta.val_data}[/]."

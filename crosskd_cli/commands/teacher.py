@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from crosskd_cli.commands._common import command_line, data_source, print_run_summary
+from crosskd_cli.commands._common import (
+    command_line,
+    data_source,
+    print_run_summary,
+    refuse_to_clobber,
+)
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
@@ -26,7 +32,6 @@ from crosskd_cli.commands._options import (
 )
 from crosskd_cli.config import load_preset
 from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
-from crosskd_cli.errors import CrossKDError
 from crosskd_cli.runs import choose_run_dir
 
 console = Console()
@@ -84,18 +89,86 @@ def train(
 
 def import_weights(
     file: Annotated[Path, typer.Argument(help="An MMDetection-format .pth checkpoint.")],
-    preset: PresetOpt = "gfl-r50",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors.")] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            "-p",
+            help="The detector preset of the file's architecture (a shipped name or a YAML path).",
+        ),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Data whose validation classes the teacher predicts; recorded so that "
+            "`crosskd eval` needs nothing else. Default: COCO's 80 classes."
+        ),
+    ] = None,
+    val_ann: ValAnnOpt = None,
+    val_images: ValImagesOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output .safetensors. Default: FILE's name beside it."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial", help="Load the keys that fit and keep the rest as initialised."
+        ),
+    ] = False,
 ) -> None:
-    """Convert an MMDetection checkpoint into a crosskd teacher (.safetensors).
+    """Convert an MMDetection checkpoint (GFL) into a crosskd teacher (.safetensors).
 
-    Not available yet: MMDetection import arrives with the detector-zoo release. Until then,
-    train a teacher with `crosskd teacher --preset NAME --data DATA`.
+    The file is read without running pickled code: only tensors and plain containers are
+    built. Every key that does not map, is missing or has another shape is listed by name.
 
-    Example: crosskd teacher import gfl_r101_ms2x.pth --preset gfl-r101
+    Example: crosskd teacher import gfl_r101_fpn_ms2x.pth --preset gfl-r101 --data /coco
     """
-    raise CrossKDError(
-        f"`crosskd teacher import` cannot convert {file} yet: MMDetection import is not "
-        "implemented in this version.",
-        hint="Train a teacher instead: crosskd teacher --preset NAME --data DATA",
+    from crosskd_cli.data import resolve_data
+    from crosskd_cli.importing import ImportMismatch, import_teacher
+
+    spec = load_preset(preset, list(overrides or []))
+    custom = val_ann is not None or val_images is not None
+    source = (
+        resolve_data(data, val_ann=val_ann, val_images=val_images)
+        if data is not None or custom
+        else None
     )
+    out = out or file.with_suffix(".safetensors")
+    if not overwrite:
+        refuse_to_clobber([out])
+    try:
+        meta, report = import_teacher(file, spec, source, out, allow_partial=allow_partial)
+    except ImportMismatch as mismatch:
+        console.print(_problem_table(mismatch.report))
+        raise
+    if report.problems:
+        console.print(_problem_table(report))
+    if report.refused_metadata:
+        console.print(
+            "[dim]Not unpickled (training metadata, not weights): "
+            + ", ".join(report.refused_metadata)
+            + ".[/]"
+        )
+    console.print(
+        f"Imported {len(report.loaded)} tensors from {file} into [bold]{out}[/] "
+        f"({meta.model.family} {meta.model.backbone}, {len(meta.class_names)} classes from "
+        f"{meta.training['classes_from']})."
+    )
+    console.print(
+        f"Next: crosskd eval {out}"
+        + ("" if meta.val_data else " --data DATA")
+        + f", or crosskd distill --preset PAIR --teacher {out} --data DATA"
+    )
+
+
+def _problem_table(report) -> Table:
+    table = Table(title="Keys that did not import", title_justify="left")
+    table.add_column("problem")
+    table.add_column("key")
+    for kind, keys in report.problems:
+        for key in keys:
+            table.add_row(kind, key)
+    return table

@@ -1,0 +1,254 @@
+"""`crosskd teacher import`: an MMDetection checkpoint -> a self-describing crosskd teacher.
+
+MMDetection's key names (METHOD.md, end) map onto crosskd's one rule at a time; nothing is
+guessed. Every key that does not map, is missing or has another shape is reported by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crosskd_cli import __version__
+from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
+from crosskd_cli.config import Preset
+from crosskd_cli.data import CocoDetection, DataSource
+from crosskd_cli.errors import CheckpointError
+from crosskd_cli.models import build_detector
+from crosskd_cli.safe_pickle import load_checkpoint_object, refused_inside
+
+# (MMDetection key pattern, crosskd key template): backbone names are torchvision's in both;
+# MMDetection's ConvModule adds `.conv` / `.gn` levels that crosskd's blocks name conv / norm.
+KEY_RULES = [
+    (r"backbone\.(.+)", r"backbone.\1"),
+    (r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)", r"neck.\1.\2.\3"),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", r"head.\1_tower.\2.conv.\3"),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)", r"head.\1_tower.\2.norm.\3"),
+    (r"bbox_head\.(gfl_cls|gfl_reg)\.(weight|bias)", r"head.\1.\2"),
+    (r"bbox_head\.scales\.(\d+)\.scale", r"head.scales.\1.scale"),
+]
+# Buffers MMDetection saves that crosskd computes instead; each is checked, then dropped.
+DERIVED = {"bbox_head.integral.project"}  # GFL's 0..reg_max projection vector
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+COCO_CATEGORY_IDS = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+    *range(72, 83), *range(84, 91),
+)  # fmt: skip
+
+
+@dataclass
+class ImportReport:
+    """How the file's keys met the model's: what loaded and every problem, by name."""
+
+    loaded: list[str] = field(default_factory=list)  # crosskd keys filled from the file
+    unmapped: list[str] = field(default_factory=list)  # file keys no rule maps
+    unexpected: list[str] = field(default_factory=list)  # mapped, but the model has no such key
+    missing: list[str] = field(default_factory=list)  # model keys the file does not fill
+    misshapen: list[str] = field(default_factory=list)  # "key: file (..) vs model (..)"
+    refused_metadata: list[str] = field(default_factory=list)  # classes skipped outside weights
+
+    @property
+    def problems(self) -> list[tuple[str, list[str]]]:
+        kinds = [
+            ("not an MMDetection key crosskd knows", self.unmapped),
+            ("no such crosskd key", self.unexpected),
+            ("missing from the file", self.missing),
+            ("shape differs", self.misshapen),
+        ]
+        return [(kind, keys) for kind, keys in kinds if keys]
+
+
+def map_key(key: str) -> str | None:
+    """The crosskd name of an MMDetection key, or None when no rule covers it."""
+    for pattern, template in KEY_RULES:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return match.expand(template)
+    return None
+
+
+def read_mmdet_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
+    """(state dict, meta dict, refused metadata classes) of an MMDetection `.pth` file."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist.",
+            hint="Pass the path of a local MMDetection .pth file (model zoo downloads are such).",
+        )
+    try:
+        loaded, refused = load_checkpoint_object(path)
+    except Exception as err:  # a truncated zip, not a pickle at all, ...
+        raise CheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint: {str(err).splitlines()[0]}",
+            hint="Pass an MMDetection .pth file saved by torch.save.",
+        ) from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a state dict.",
+            hint="Pass an MMDetection checkpoint: a dict with a 'state_dict' of tensors.",
+        )
+    inside = sorted(refused_inside(state))
+    if inside:
+        raise CheckpointError(
+            f"{path} stores objects of {', '.join(inside)} among its weights; they were not "
+            "unpickled.",
+            hint="Only tensors are imported. Re-save the file with plain tensors "
+            "(torch.save({'state_dict': model.state_dict()}, path)).",
+        )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path}: state dict entries that are not tensors: {', '.join(not_tensors[:5])}.",
+            hint="Pass an MMDetection checkpoint whose 'state_dict' holds tensors only.",
+        )
+    meta = loaded.get("meta", {}) if isinstance(loaded, dict) else {}
+    meta = meta if isinstance(meta, dict) else {}
+    return dict(state), meta, sorted(refused - set(inside))
+
+
+def class_names_in(meta: dict[str, Any]) -> list[str] | None:
+    """The class names MMDetection recorded (2.x: meta.CLASSES; 3.x: dataset_meta.classes)."""
+    names = meta.get("CLASSES")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names = meta["dataset_meta"].get("classes")
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+def convert_state(
+    state: dict[str, Tensor], model: nn.Module, reg_max: int
+) -> tuple[dict[str, Tensor], ImportReport]:
+    """Rename the file's tensors to crosskd's keys and compare them with `model`'s."""
+    report = ImportReport()
+    expected = model.state_dict()
+    converted: dict[str, Tensor] = {}
+    covered: set[str] = set()  # model keys the file names, whatever their shape
+    for key, value in state.items():
+        if key in DERIVED:
+            _check_projection(key, value, reg_max)
+            continue
+        name = map_key(key)
+        if name is None:
+            report.unmapped.append(key)
+        elif name not in expected:
+            report.unexpected.append(f"{key} -> {name}")
+        elif value.shape != expected[name].shape:
+            covered.add(name)
+            report.misshapen.append(
+                f"{key}: file {tuple(value.shape)} vs model {tuple(expected[name].shape)}"
+            )
+        else:
+            covered.add(name)
+            converted[name] = value
+            report.loaded.append(name)
+    report.missing = [k for k in expected if k not in covered]
+    return converted, report
+
+
+def _check_projection(key: str, value: Tensor, reg_max: int) -> None:
+    expected = torch.linspace(0, reg_max, reg_max + 1)
+    if value.shape != expected.shape or not torch.allclose(value.float(), expected):
+        raise CheckpointError(
+            f"{key} is {value.tolist()}, not 0..{reg_max}: the file's GFL head uses another "
+            "reg_max or projection.",
+            hint=f"Use a preset whose model.reg_max matches the file ({value.numel() - 1}).",
+        )
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ImportMismatch(CheckpointError):
+    """The file's weights do not fill the preset's model; `report` lists every key."""
+
+    def __init__(self, message: str, hint: str, report: ImportReport) -> None:
+        super().__init__(message, hint=hint)
+        self.report = report
+
+
+def resolve_classes(
+    meta: dict[str, Any], data: DataSource | None, num_classes: int
+) -> tuple[list[str], list[int], str]:
+    """(class names, category ids, where they came from): the data's, else the file's COCO."""
+    if data is not None:
+        val = CocoDetection(data.val_ann, data.val_images, train=False)
+        return list(val.class_names), list(val.category_ids), f"the data {data.spec}"
+    names = class_names_in(meta)
+    if names is None and num_classes == len(COCO_CLASSES):
+        return list(COCO_CLASSES), list(COCO_CATEGORY_IDS), "COCO (the preset has 80 classes)"
+    if names is not None and tuple(names) == COCO_CLASSES:
+        return names, list(COCO_CATEGORY_IDS), "the file (COCO's 80 classes)"
+    found = f"{len(names)} classes that are not COCO's" if names else "no class names"
+    raise CheckpointError(
+        f"The checkpoint records {found}, so their category ids are unknown.",
+        hint="Pass --data DATA (the data set the teacher was trained on) to take the class "
+        "list from its validation annotations.",
+    )
+
+
+def import_teacher(
+    path: Path, preset: Preset, data: DataSource | None, out: Path, *, allow_partial: bool
+) -> tuple[CheckpointMeta, ImportReport]:
+    """Convert `path` into a crosskd teacher at `out` built from `preset`'s model spec."""
+    state, file_meta, refused = read_mmdet_checkpoint(path)
+    names, ids, classes_from = resolve_classes(file_meta, data, preset.model.num_classes)
+    spec = dataclasses.replace(preset.model, num_classes=len(names))
+    model = build_detector(spec)
+    converted, report = convert_state(state, model, spec.reg_max)
+    report.refused_metadata = refused
+    if report.problems and not allow_partial:
+        counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in report.problems)
+        raise ImportMismatch(
+            f"{path.name} does not fit preset '{preset.name}' ({spec.family} {spec.backbone}): "
+            f"{counts}.",
+            hint="Pick the preset of the file's architecture (crosskd inspect --list-presets), "
+            "or load what fits with --allow-partial.",
+            report=report,
+        )
+    model.load_state_dict(converted, strict=False)
+    meta = CheckpointMeta(
+        model=spec,
+        class_names=names,
+        category_ids=ids,
+        preset=preset.name,
+        val_data=data.spec if data is not None else "",
+        image_scale=tuple(preset.data.scale),
+        eval_batch_size=preset.train.eval_batch_size,
+        crosskd_version=__version__,
+        kind="teacher",
+        training={
+            "command": "teacher import",
+            "imported_from": path.name,
+            "format": "mmdetection",
+            "sha256": file_digest(path),
+            "classes_from": classes_from,
+            "partial": bool(report.problems),
+        },
+    )
+    save_checkpoint(out, model.state_dict(), meta)
+    return meta, report

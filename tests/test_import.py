@@ -1,0 +1,194 @@
+"""`crosskd teacher import`: MMDetection GFL checkpoints become crosskd teachers, safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from crosskd_cli.checkpoint import load_checkpoint, load_state_into
+from crosskd_cli.cli import app
+from crosskd_cli.importing import COCO_CATEGORY_IDS, COCO_CLASSES
+from crosskd_cli.models import build_detector
+from crosskd_cli.specs import ModelSpec
+
+runner = CliRunner()
+TINY = dict(backbone="resnet18", num_classes=80, fpn_channels=32, head_channels=32, norm_groups=8)
+
+
+class TrainingLog:
+    """Stands for the training metadata MMDetection 3.x pickles beside the weights."""
+
+    def __init__(self):
+        self.losses = [0.5, 0.4]
+
+
+class Payload:
+    """A pickle that would run a shell command if anything unpickled it for real."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def mmdetection_layout(model) -> dict[str, torch.Tensor]:
+    """The model's weights under MMDetection's key names, as METHOD.md lists them."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            state[key] = value
+        elif key.startswith("neck."):  # neck.fpn_convs.3.weight -> neck.fpn_convs.3.conv.weight
+            group, index, param = key.split(".")[1:]
+            state[f"neck.{group}.{index}.conv.{param}"] = value
+        else:
+            rest = key.removeprefix("head.")
+            block = re.fullmatch(r"(cls|reg)_tower\.(\d+)\.(conv|norm)\.(\w+)", rest)
+            if block:
+                tower, index, layer, param = block.groups()
+                layer = "gn" if layer == "norm" else "conv"
+                state[f"bbox_head.{tower}_convs.{index}.{layer}.{param}"] = value
+            else:  # gfl_cls.*, gfl_reg.*, scales.K.scale
+                state[f"bbox_head.{rest}"] = value
+    state["bbox_head.integral.project"] = torch.linspace(0, 16, 17)
+    return state
+
+
+@pytest.fixture
+def tiny_preset(tmp_path):
+    path = tmp_path / "tiny-gfl.yaml"
+    path.write_text(json.dumps({"model": TINY, "data": {"scale": [96, 96]}}))
+    return path
+
+
+@pytest.fixture
+def mmdet_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_detector(ModelSpec(**TINY)).eval()
+    path = tmp_path / "gfl_tiny.pth"
+    meta = {"CLASSES": COCO_CLASSES, "message_hub": TrainingLog()}
+    torch.save({"meta": meta, "state_dict": mmdetection_layout(model)}, path)
+    return model, path
+
+
+def run_import(*args):
+    return runner.invoke(app, ["teacher", "import", *map(str, args)], catch_exceptions=False)
+
+
+def test_an_imported_gfl_teacher_predicts_exactly_what_the_original_did(
+    mmdet_file, tiny_preset, tmp_path
+):
+    model, path = mmdet_file
+    result = run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    log_class = f"{TrainingLog.__module__}.TrainingLog"
+    assert f"Not unpickled (training metadata, not weights): {log_class}" in result.output
+    state, meta = load_checkpoint(tmp_path / "t.safetensors")
+    assert meta.kind == "teacher" and meta.class_names == list(COCO_CLASSES)
+    assert meta.category_ids == list(COCO_CATEGORY_IDS) and meta.category_ids[-1] == 90
+    rebuilt = build_detector(meta.model).eval()
+    load_state_into(rebuilt, state, source="t.safetensors")
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        before, after = model(images, [(64, 96), (50, 70)]), rebuilt(images, [(64, 96), (50, 70)])
+    outputs_before = before.head.cls_logits + before.head.box_preds
+    outputs_after = after.head.cls_logits + after.head.box_preds
+    for a, b in zip(outputs_before, outputs_after, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pickled_code_in_the_metadata_never_runs(tmp_path, tiny_preset):
+    torch.manual_seed(0)
+    model = build_detector(ModelSpec(**TINY))
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"meta": {"hook": Payload(marker)}, "state_dict": mmdetection_layout(model)}, path)
+    result = run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+    assert re.search(r"Not unpickled .*(posix|os)\.system", result.output)
+
+
+def test_an_object_among_the_weights_is_refused_by_its_class_name(tmp_path, tiny_preset):
+    path = tmp_path / "odd.pth"
+    torch.save({"state_dict": {"backbone.conv1.weight": TrainingLog()}}, path)
+    result = run_import(path, "--preset", tiny_preset)
+    assert result.exit_code == 2
+    log_class = f"{TrainingLog.__module__}.TrainingLog"
+    assert f"stores objects of {log_class} among its weights" in result.output
+
+
+def test_every_key_that_does_not_fit_is_named_and_partial_loads_need_asking(
+    mmdet_file, tiny_preset, tmp_path
+):
+    _, path = mmdet_file
+    saved = torch.load(path, weights_only=False)
+    weights = saved["state_dict"]
+    weights["bbox_head.atss_centerness.weight"] = torch.zeros(1, 32, 3, 3)
+    del weights["bbox_head.scales.4.scale"]
+    torch.save({"state_dict": weights}, path)
+
+    result = run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 2
+    assert "1 not an MMDetection key crosskd knows, 1 missing from the file" in result.output
+    assert "bbox_head.atss_centerness.weight" in result.output
+    assert "head.scales.4.scale" in result.output
+    assert not (tmp_path / "t.safetensors").exists()
+
+    partial = run_import(
+        path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors", "--allow-partial"
+    )
+    assert partial.exit_code == 0, partial.output
+    assert load_checkpoint(tmp_path / "t.safetensors")[1].training["partial"] is True
+
+
+def test_a_file_of_another_architecture_names_each_misshapen_key(mmdet_file, tmp_path):
+    _, path = mmdet_file
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(json.dumps({"model": {**TINY, "head_channels": 64}}))
+    result = run_import(path, "--preset", wide)
+    assert result.exit_code == 2
+    assert "does not fit preset 'wide' (gfl resnet18)" in result.output
+    assert "bbox_head.cls_convs.0.conv.weight: file (32, 32, 3, 3) vs model (64, 32, 3, 3)" in (
+        result.output
+    )
+
+
+def test_classes_that_are_not_cocos_need_the_data_to_know_their_ids(tmp_path):
+    spec = {**TINY, "num_classes": 3}
+    torch.manual_seed(0)
+    model = build_detector(ModelSpec(**spec))
+    path = tmp_path / "three.pth"
+    torch.save(
+        {"meta": {"CLASSES": ("a", "b", "c")}, "state_dict": mmdetection_layout(model)}, path
+    )
+    preset = tmp_path / "three.yaml"
+    preset.write_text(json.dumps({"model": spec}))
+    result = run_import(path, "--preset", preset)
+    assert result.exit_code == 2
+    assert "records 3 classes that are not COCO's, so their category ids are unknown" in (
+        result.output
+    )
+    assert "--data" in result.output
+
+
+def test_an_existing_output_is_not_overwritten_unless_asked(mmdet_file, tiny_preset, tmp_path):
+    _, path = mmdet_file
+    out = tmp_path / "t.safetensors"
+    out.write_text("precious")
+    result = run_import(path, "--preset", tiny_preset, "--out", out)
+    assert result.exit_code == 2 and out.read_text() == "precious"
+    assert run_import(path, "--preset", tiny_preset, "--out", out, "--overwrite").exit_code == 0
+
+
+def test_a_checkpoint_without_recorded_data_asks_eval_for_it(mmdet_file, tiny_preset, tmp_path):
+    _, path = mmdet_file
+    run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
+    result = runner.invoke(app, ["eval", str(tmp_path / "t.safetensors")])
+    assert result.exit_code == 2
+    assert "records no validation data" in result.output and "--data" in result.output
