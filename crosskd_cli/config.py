@@ -68,6 +68,9 @@ class DistillConfig:
     box_kd: bool = True  # False: KD on classification only (Table 3)
     align: bool = True  # standardise the student tap to the teacher tap's statistics
     region_weight: str = "soft"  # soft (teacher max class prob) or hard (GT foreground)
+    # A learnable 1x1 conv per tower maps the student tap to the teacher's width when the heads
+    # differ in width; it trains with the student and is never exported.
+    adapter: bool = False
     cls_weight: float = 1.0
     box_weight: float = 4.0  # GFL KL box-distribution KD
     pkd_weight: float = 6.0  # GFL

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from crosskd_cli.config import DistillConfig
 from crosskd_cli.errors import ModelError
 from crosskd_cli.losses import bce_kd_loss, kl_box_kd_loss, pkd_loss, qfl_kd_loss
-from crosskd_cli.structures import Batch, HeadOutput
+from crosskd_cli.structures import Batch, DetectorOutput, HeadOutput
 from crosskd_cli.targets import flatten_levels
 
 METHODS = ("crosskd", "mimic", "pkd", "crosskd+pkd", "crosskd+mimic", "none")
@@ -79,6 +79,43 @@ def cross_head_forward(
     cls_in = [prepare(s, t) for s, t in zip(student_cls_taps, teacher_cls_taps, strict=True)]
     reg_in = [prepare(s, t) for s, t in zip(student_reg_taps, teacher_reg_taps, strict=True)]
     return teacher_head.forward_from(index, cls_in, reg_in)
+
+
+class TapAdapter(nn.Module):
+    """1x1 convs (one per tower, shared over levels) from the student tap width to the
+    teacher's, for heads of different width (METHOD.md §2). Applied before alignment."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.cls = nn.Conv2d(student_channels, teacher_channels, 1)
+        self.reg = nn.Conv2d(student_channels, teacher_channels, 1)
+
+    def forward(self, output: DetectorOutput) -> DetectorOutput:
+        head = output.head
+        head.cls_taps = [self.cls(tap) for tap in head.cls_taps]
+        head.reg_taps = [self.reg(tap) for tap in head.reg_taps]
+        return output
+
+
+class AdaptedStudent(nn.Module):
+    """The student plus its tap adapter, trained (and DDP-wrapped) as one module.
+
+    Only `student` is evaluated and exported; the adapter lives in the resumable training
+    state alone. Running it inside `forward` keeps DDP's gradient hooks on its weights.
+    """
+
+    def __init__(self, student: nn.Module, adapter: TapAdapter) -> None:
+        super().__init__()
+        self.student = student
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs) -> DetectorOutput:
+        return self.adapter(self.student(*args, **kwargs))
+
+    @staticmethod
+    def exported(model: AdaptedStudent) -> nn.Module:
+        """What is evaluated and saved: the student alone."""
+        return model.student
 
 
 class GFLKDLoss:

@@ -6,8 +6,20 @@ from crosskd_cli.errors import ModelError
 from crosskd_cli.specs import ModelSpec
 
 
-def pair_problems(teacher: ModelSpec, student: ModelSpec, cross_index: int) -> list[str]:
-    """Every reason the cross-head forward cannot run between these two heads (empty = fine)."""
+def tap_widths(teacher: ModelSpec, student: ModelSpec, cross_index: int) -> tuple[int, int]:
+    """(teacher, student) channels of the tap at `cross_index`: the FPN's at 0, else the head's."""
+    if cross_index == 0:
+        return teacher.fpn_channels, student.fpn_channels
+    return teacher.head_channels, student.head_channels
+
+
+def pair_problems(
+    teacher: ModelSpec, student: ModelSpec, cross_index: int, adapter: bool = False
+) -> list[str]:
+    """Every reason the cross-head forward cannot run between these two heads (empty = fine).
+
+    With `adapter`, taps of different widths are fine: a learnable 1x1 conv bridges them.
+    """
     problems = []
 
     def differ(what: str, t: object, s: object) -> None:
@@ -20,12 +32,12 @@ def pair_problems(teacher: ModelSpec, student: ModelSpec, cross_index: int) -> l
     differ("anchor scales", teacher.octave_base_scale, student.octave_base_scale)
     if teacher.family == "gfl":
         differ("reg_max", teacher.reg_max, student.reg_max)
-    tap_width = (
-        (teacher.fpn_channels, student.fpn_channels)
-        if cross_index == 0
-        else (teacher.head_channels, student.head_channels)
-    )
-    differ(f"tap widths at index {cross_index}", *tap_width)
+    teacher_width, student_width = tap_widths(teacher, student, cross_index)
+    if teacher_width != student_width and not adapter:
+        problems.append(
+            f"tap widths at index {cross_index} differ: teacher {teacher_width}, student "
+            f"{student_width} (--set distill.adapter=true adds a learnable 1x1 adapter)"
+        )
     return problems
 
 

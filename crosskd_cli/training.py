@@ -16,13 +16,13 @@ from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_i
 from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.criterion import build_criterion
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
-from crosskd_cli.distill import Distiller
+from crosskd_cli.distill import AdaptedStudent, Distiller, MethodParts, TapAdapter
 from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
 from crosskd_cli.errors import DataError, ModelError
 from crosskd_cli.evaluate import check_same_classes, predict
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import Detector, build_detector
-from crosskd_cli.pairing import check_cross_index, pair_problems
+from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
 from crosskd_cli.runs import RunDir, write_config, write_json
 from crosskd_cli.specs import ModelSpec
 
@@ -53,6 +53,8 @@ class Job:
     step: Callable  # step(model, batch) -> {name: loss}
     training: dict[str, Any]  # recorded in the checkpoint's metadata
     watch_zero: tuple[str, ...] = ()
+    # The detector inside `model` that is evaluated and saved (the student without adapters)
+    export: Callable[[nn.Module], nn.Module] = lambda model: model
 
 
 def load_splits(preset: Preset, data: DataSource) -> DataSplits:
@@ -127,7 +129,7 @@ def run_job(
 
     def evaluate(model) -> dict[str, Any]:
         gather = lambda objs: acc.gather_for_metrics(objs, use_gather_object=True)  # noqa: E731
-        metrics = evaluate_model(model, splits.val, 0, gather=gather, loader=val_loader)
+        metrics = evaluate_model(job.export(model), splits.val, 0, gather=gather, loader=val_loader)
         if trainer.is_main:
             console.print(
                 "[bold]val[/] " + "  ".join(f"{k} {metrics[k]:.1f}" for k in ("AP", "AP50", "AP75"))
@@ -156,7 +158,7 @@ def run_job(
             training=training,
             metrics=metrics,
         )
-        save_checkpoint(run.root / f"{name}.safetensors", model.state_dict(), meta)
+        save_checkpoint(run.root / f"{name}.safetensors", job.export(model).state_dict(), meta)
 
     train_loader = build_loader(
         splits.train,
@@ -224,6 +226,7 @@ def check_pair(
     data: DataSource,
     index: int,
     teacher_path: Path,
+    adapter: bool = False,
 ) -> None:
     """Refuse, with the reason, a pair the cross-head forward cannot serve."""
     check_cross_index(index, teacher_meta.model, student)
@@ -235,7 +238,7 @@ def check_pair(
             hint="Train or import a teacher on this data set's classes first: "
             "crosskd teacher --preset NAME --data DATA",
         ) from None
-    problems = pair_problems(teacher_meta.model, student, index)
+    problems = pair_problems(teacher_meta.model, student, index, adapter)
     if problems:
         raise ModelError(
             f"Teacher {teacher_path.name} and the student cannot be paired: "
@@ -263,7 +266,8 @@ def distill_student(
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
     cfg = preset.distill
-    check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path)
+    bridged = cfg.adapter or not MethodParts.of(cfg.method).cross  # no cross branch: no taps
+    check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path, bridged)
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
     teacher_ap = teacher_meta.metrics.get("AP")
@@ -279,6 +283,14 @@ def distill_student(
         state_dict, _ = load_checkpoint(student_weights)
         load_state_into(student, state_dict, source=str(student_weights))
     distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
+    model = student
+    teacher_width, student_width = tap_widths(teacher_meta.model, spec, cfg.cross_index)
+    if distiller.parts.cross and teacher_width != student_width:  # check_pair: adapter asked
+        model = AdaptedStudent(student, TapAdapter(student_width, teacher_width))
+        console.print(
+            f"[dim]Tap adapter: 1x1 convs {student_width} -> {teacher_width} channels per "
+            "tower, trained with the student, not exported.[/]"
+        )
     training = {
         "command": "distill",
         "method": cfg.method,
@@ -287,7 +299,9 @@ def distill_student(
         "teacher_ap": teacher_ap,
         "distill": to_dict(cfg),
     }
-    job = Job("student", student, spec, distiller.step, training, distiller.loss_names())
+    job = Job("student", model, spec, distiller.step, training, distiller.loss_names())
+    if isinstance(model, AdaptedStudent):
+        job.export = AdaptedStudent.exported
     return run_job(
         preset,
         data,

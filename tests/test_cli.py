@@ -86,6 +86,18 @@ def test_inspect_json_reports_shapes_reused_layers_and_compatibility():
     assert "cls_tower.2.conv" not in reused
 
 
+def test_inspect_shows_the_adapter_a_narrower_student_head_needs():
+    narrow = ["inspect", "--set", "model.head_channels=128", "--format", "json"]
+    refused = json.loads(invoke(*narrow).output)
+    assert refused["compatible"] is False and refused["adapter"] is None
+    assert "tap widths at index 3 differ: teacher 256, student 128" in refused["problems"][0]
+    bridged = json.loads(invoke(*narrow, "--set", "distill.adapter=true").output)
+    assert bridged["compatible"] is True
+    assert bridged["adapter"] == {"from_channels": 128, "to_channels": 256}
+    table = invoke("inspect", "--set", "model.head_channels=128", "--set", "distill.adapter=true")
+    assert "Tap adapter: a 1x1 conv per tower maps the student's 128 channels" in table.output
+
+
 def test_inspect_refuses_an_out_of_range_cross_index():
     result = runner.invoke(app, ["inspect", "--cross-index", "7"])
     assert result.exit_code == 2
@@ -193,6 +205,27 @@ def test_distill_writes_a_student_only_checkpoint_that_eval_reads(teacher_run, t
     with safe_open(str(out / "best.safetensors"), "pt") as f:
         assert not any(key.startswith("teacher") for key in f.keys())
     assert invoke("eval", str(out / "best.safetensors"), "--data", TINY_DATA).exit_code == 0
+
+
+def test_a_narrower_student_head_needs_the_adapter_which_is_never_exported(teacher_run, tmp_path):
+    narrow = [*TINY, "--set", "model.head_channels=32", "--set", "model.backbone=resnet18"]
+    teacher = ["--teacher", str(teacher_run / "best.safetensors")]
+    refused = runner.invoke(
+        app, ["distill", "--preset", "shapes-gfl-r50-to-r18", *narrow, *teacher]
+    )
+    assert refused.exit_code == 2
+    assert "tap widths at index 3 differ: teacher 64, student 32" in refused.output
+    assert "--set distill.adapter=true" in refused.output
+
+    out = tmp_path / "narrow"
+    adapter = ["--set", "distill.adapter=true", "--out", str(out)]
+    result = invoke("distill", "--preset", "shapes-gfl-r50-to-r18", *narrow, *teacher, *adapter)
+    assert result.exit_code == 0, result.output
+    assert "Tap adapter: 1x1 convs 32 -> 64 channels per tower" in result.output
+    state, meta = load_checkpoint(out / "best.safetensors")
+    assert meta.model.head_channels == 32
+    assert not any("adapter" in key for key in state)
+    assert state["head.cls_tower.0.conv.weight"].shape[0] == 32
 
 
 def test_distill_without_a_teacher_says_how_to_get_one():

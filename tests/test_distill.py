@@ -9,7 +9,15 @@ import torch
 
 from crosskd_cli.config import DistillConfig
 from crosskd_cli.criterion import build_criterion
-from crosskd_cli.distill import Distiller, GFLKDLoss, MethodParts, align_tap, cross_head_forward
+from crosskd_cli.distill import (
+    AdaptedStudent,
+    Distiller,
+    GFLKDLoss,
+    MethodParts,
+    TapAdapter,
+    align_tap,
+    cross_head_forward,
+)
 from crosskd_cli.errors import ModelError
 from crosskd_cli.models import build_detector
 from crosskd_cli.pairing import check_cross_index, pair_problems
@@ -93,6 +101,20 @@ def test_crosskd_at_index_4_teaches_every_block_and_still_spares_the_predictors(
     kd_only(distiller.step(student, make_batch())).backward()
     assert all(grads(block) > 0 for block in student.head.cls_tower)
     assert grads(student.head.gfl_cls) == 0 and grads(student.head.gfl_reg) == 0
+
+
+def test_a_narrower_student_learns_through_its_tap_adapter_up_to_block_i_only():
+    torch.manual_seed(0)
+    teacher = build_detector(replace(TEACHER, head_channels=64)).eval().requires_grad_(False)
+    student = build_detector(STUDENT).train()  # head 32 wide against the teacher's 64
+    adapted = AdaptedStudent(student, TapAdapter(32, 64))
+    distiller = Distiller(teacher, build_criterion(STUDENT), DistillConfig(cross_index=2))
+    kd_only(distiller.step(adapted, make_batch())).backward()
+    assert grads(adapted.adapter.cls) > 0 and grads(adapted.adapter.reg) > 0
+    assert grads(student.head.cls_tower[1]) > 0 and grads(student.head.cls_tower[2]) == 0
+    assert grads(student.head.gfl_cls) == 0
+    assert AdaptedStudent.exported(adapted) is student
+    assert not any("adapter" in key for key in student.state_dict())
 
 
 def test_mimic_sends_kd_gradient_into_the_students_own_predictors():
@@ -233,6 +255,10 @@ def test_incompatible_pairs_say_what_differs():
         "class counts differ: teacher 80, student 3",
         "reg_max differ: teacher 8, student 16",
     ]
-    assert pair_problems(replace(TEACHER, head_channels=64, norm_groups=8), STUDENT, 2) == [
-        "tap widths at index 2 differ: teacher 64, student 32"
+    wide_teacher = replace(TEACHER, head_channels=64, norm_groups=8)
+    assert pair_problems(wide_teacher, STUDENT, 2) == [
+        "tap widths at index 2 differ: teacher 64, student 32 "
+        "(--set distill.adapter=true adds a learnable 1x1 adapter)"
     ]
+    assert pair_problems(wide_teacher, STUDENT, 2, adapter=True) == []
+    assert pair_problems(wide_teacher, STUDENT, 0) == []  # index 0 taps the equal FPN widths

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from crosskd_cli.commands._options import SetOpt
 from crosskd_cli.config import DEFAULT_PAIR, list_presets, load_preset, to_dict
 from crosskd_cli.errors import CrossKDError
 
@@ -44,6 +45,7 @@ def inspect(
             help="Input HxW, e.g. 800x1333 (padded to /32). Default: the preset's resize scale.",
         ),
     ] = None,
+    overrides: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     list_only: Annotated[
         bool, typer.Option("--list-presets", help="List shipped presets.")
@@ -58,7 +60,7 @@ def inspect(
     Example: crosskd inspect --preset gfl-r101-to-r50 --cross-index 3
     """
     from crosskd_cli.inspection import describe_model
-    from crosskd_cli.pairing import check_cross_index, pair_problems
+    from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
 
     if fmt not in ("table", "json"):
         raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
@@ -93,7 +95,7 @@ def inspect(
             f"recorded AP: {meta.metrics.get('AP', 'n/a')}"
         )
         return
-    spec = load_preset(preset)
+    spec = load_preset(preset, list(overrides or []))
     size = _parse_size(image_size, spec.data.scale)
     student = describe_model(spec.model, size)
     if not spec.is_pair:
@@ -107,7 +109,13 @@ def inspect(
     teacher_spec = load_preset(spec.teacher.preset).model
     check_cross_index(index, teacher_spec, spec.model)
     teacher = describe_model(teacher_spec, size)
-    problems = pair_problems(teacher_spec, spec.model, index)
+    problems = pair_problems(teacher_spec, spec.model, index, spec.distill.adapter)
+    teacher_width, student_width = tap_widths(teacher_spec, spec.model, index)
+    adapter = (
+        {"from_channels": student_width, "to_channels": teacher_width}
+        if spec.distill.adapter and teacher_width != student_width
+        else None
+    )
     reused = [row.name for row in teacher.layers if row.block is None or row.block > index]
     if fmt == "json":
         typer.echo(
@@ -119,6 +127,7 @@ def inspect(
                     "teacher": _report_json(teacher),
                     "student": _report_json(student),
                     "reused_teacher_layers": reused,
+                    "adapter": adapter,
                     "compatible": not problems,
                     "problems": problems,
                 },
@@ -134,12 +143,17 @@ def inspect(
     console.print(_head_table(student, f"Student head ({spec.model.backbone})", index, "student"))
     console.print(_params_table({"teacher": teacher.params, "student": student.params}))
     console.print(_cross_summary(index, spec.model.stacked_convs))
+    if adapter:
+        console.print(
+            f"Tap adapter: a 1x1 conv per tower maps the student's {student_width} channels to "
+            f"the teacher's {teacher_width} before alignment; trained, never exported."
+        )
     if problems:
         console.print("[bold red]Incompatible pair:[/] " + "; ".join(problems))
     else:
         console.print(
             "[bold green]Compatible:[/] same classes, levels, strides, anchors, "
-            "reg_max and tap width."
+            "reg_max and tap width" + (" (through the adapter)." if adapter else ".")
         )
     console.print(f"[dim]Presets: {', '.join(list_presets())}[/]")
 
