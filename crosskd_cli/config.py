@@ -29,6 +29,9 @@ class DataConfig:
     source: str | None = None  # default --data, e.g. "builtin:shapes" for CPU presets
     scale: tuple[int, int] = (1333, 800)  # keep-ratio resize to fit (long side, short side)
     flip_prob: float = 0.5  # horizontal flip probability while training
+    # Multi-scale training: each training image's short-side limit drawn from [low, high]
+    # (the long-side limit stays scale's), e.g. [480, 800]; None = the single `scale`
+    train_short_sides: tuple[int, int] | None = None
     num_workers: int = 2  # DataLoader worker processes
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
 

@@ -71,6 +71,7 @@ def load_splits(preset: Preset, data: DataSource) -> DataSplits:
         scale=cfg.scale,
         flip_prob=cfg.flip_prob,
         skip_bad_images=cfg.skip_bad_images,
+        short_sides=cfg.train_short_sides,
     )
     val = CocoDetection(
         data.val_ann,

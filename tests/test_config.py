@@ -51,6 +51,12 @@ def test_every_paper_gfl_pair_is_compatible_at_index_3_with_its_reference(name):
     assert "not a crosskd result" in pair.reference["source"]
 
 
+def test_the_papers_gfl_teacher_trains_multi_scale_and_tests_at_one_scale():
+    teacher = load_preset("gfl-r101")
+    assert teacher.data.train_short_sides == (480, 800) and teacher.data.scale == (1333, 800)
+    assert (teacher.train.epochs, teacher.train.milestones) == (24, (16, 22))
+
+
 def test_pair_preset_records_the_papers_numbers_as_reference_only():
     preset = load_preset("gfl-r101-to-r50")
     assert preset.distill.cross_index == 3

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from crosskd_cli.data import CocoDetection, build_loader, collate, resolve_data
-from crosskd_cli.data.transforms import keep_ratio_size
+from crosskd_cli.data.transforms import build_transforms, keep_ratio_size
 from crosskd_cli.errors import DataError
 from crosskd_cli.structures import Target
 from tests.conftest import make_coco, write_image
@@ -294,6 +294,34 @@ def test_random_flips_follow_torchs_seed(tiny_coco):
         return [dataset[0][1].boxes[0, 0].item() for _ in range(12)]
 
     assert flips(0) == flips(0) and set(flips(0)) == {2.0, 28.0}
+
+
+def test_multi_scale_training_draws_each_short_side_from_the_range(tiny_coco):
+    dataset = train_split(tiny_coco, scale=(400, 300), flip_prob=0.0, short_sides=(15, 60))
+
+    def draws(seed: int) -> list[tuple[int, float]]:
+        torch.manual_seed(seed)
+        samples = [dataset[0] for _ in range(40)]
+        return [(image.shape[-2], target.boxes[0, 2].item()) for image, target in samples]
+
+    heights = [h for h, _ in draws(0)]  # the 40x30 image: its height is the short side
+    assert draws(0) == draws(0) and min(heights) >= 15 and max(heights) <= 60
+    assert len(set(heights)) > 10
+    for height, x2 in draws(1):  # the box (x2 = 12 px originally) scales with its image
+        assert x2 == pytest.approx(12 * int(40 * height / 30 + 0.5) / 40, abs=1e-4)
+    evaluation = CocoDetection(
+        tiny_coco / "annotations" / "instances_val2017.json",
+        tiny_coco / "val2017",
+        train=False,
+        scale=(400, 300),
+        short_sides=(15, 60),
+    )
+    assert {evaluation[0][0].shape[-2] for _ in range(5)} == {300}  # evaluation: one scale
+
+
+def test_a_multi_scale_range_upside_down_is_named():
+    with pytest.raises(DataError, match=r"data.train_short_sides \[800, 640\] is not a range"):
+        build_transforms(True, (1333, 800), 0.5, short_sides=(800, 640))
 
 
 def test_iterating_a_dataset_stops_at_its_end(tiny_coco):

@@ -170,6 +170,7 @@ class CocoDetection(Dataset):
         scale: tuple[int, int] = (1333, 800),
         flip_prob: float = 0.5,
         skip_bad_images: bool = False,
+        short_sides: tuple[int, int] | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -184,9 +185,11 @@ class CocoDetection(Dataset):
         self.train = train
         self.skip_bad_images = skip_bad_images
         self.skipped: set[int] = set()
-        self.transforms = build_transforms(train, scale, flip_prob)
+        self.transforms = build_transforms(train, scale, flip_prob, short_sides)
         self._check_files_exist()
-        self._targets = self._index_targets(scale)
+        # Multi-scale: keep a box if it survives the largest scale; smaller draws drop it later
+        largest = scale if short_sides is None or not train else (max(scale), short_sides[1])
+        self._targets = self._index_targets(largest)
         ids = sorted(self.coco.imgs)
         self.image_ids: list[int] = [i for i in ids if i in self._targets] if train else ids
 

@@ -10,6 +10,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from crosskd_cli.errors import DataError
+
 MIN_BOX_SIZE = 1.0  # px after resizing; narrower or shorter boxes are degenerate and dropped
 
 
@@ -29,28 +31,44 @@ class KeepRatioResize(v2.Transform):
     """Resize the image and its boxes together to `keep_ratio_size`.
 
     Bilinear without antialiasing, like the OpenCV resize MMDetection uses. The only transform
-    at test time, so train-time evaluation and `crosskd eval` resize identically.
+    at test time, so train-time evaluation and `crosskd eval` resize identically. With
+    `short_sides` = (lo, hi) the short-side limit is drawn per image from lo..hi (torch's RNG)
+    while the long-side limit stays scale's: MMDetection's multi-scale `RandomResize`.
     """
 
-    def __init__(self, scale: tuple[int, int]) -> None:
+    def __init__(self, scale: tuple[int, int], short_sides: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.scale = scale
+        self.short_sides = short_sides
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        return {"size": list(keep_ratio_size(height, width, self.scale))}
+        scale = self.scale
+        if self.short_sides is not None:
+            low, high = self.short_sides
+            scale = (max(scale), int(torch.randint(low, high + 1, ()).item()))
+        return {"size": list(keep_ratio_size(height, width, scale))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.resize, inpt, size=params["size"], antialias=False)
 
 
-def build_transforms(train: bool, scale: tuple[int, int], flip_prob: float = 0.5) -> v2.Compose:
-    """Resize (and, when training, flip with probability `flip_prob` drawn from torch's RNG),
-    then clamp boxes to the image and drop those that became degenerate.
-
-    `scale` is one (long, short) limit; multi-scale training would pick one per image here.
-    """
-    steps: list[v2.Transform] = [KeepRatioResize(scale)]
+def build_transforms(
+    train: bool,
+    scale: tuple[int, int],
+    flip_prob: float = 0.5,
+    short_sides: tuple[int, int] | None = None,
+) -> v2.Compose:
+    """Resize (multi-scale over `short_sides` when training and given), flip with probability
+    `flip_prob` when training (both drawn from torch's RNG), then clamp boxes to the image and
+    drop those that became degenerate."""
+    if short_sides is not None and not 0 < short_sides[0] <= short_sides[1]:
+        raise DataError(
+            f"data.train_short_sides {list(short_sides)} is not a range of sides.",
+            hint="Give [low, high] with 0 < low <= high, e.g. --set data.train_short_sides="
+            "[640,800].",
+        )
+    steps: list[v2.Transform] = [KeepRatioResize(scale, short_sides if train else None)]
     if train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
     steps += [
