@@ -314,6 +314,8 @@ class Trainer:
                     save_fn(self.accelerator.unwrap_model(model), "best", metrics)
         if self.is_main:
             append_results(self.run, row)
+            if not self.console.is_terminal:  # logs and pipes get no live bar: a line per epoch
+                self.console.print(epoch_line(row, state.iteration, total), highlight=False)
         state.epoch += 1
         state.epoch_step = 0
         self._pending_row = {}
@@ -369,6 +371,19 @@ class ZeroWatch:
                         f"[bold yellow]Warning:[/] {name} has stayed exactly 0 for the first "
                         f"{iteration} iterations: this distillation term teaches nothing."
                     )
+
+
+def epoch_line(row: dict[str, Any], iteration: int, total: int) -> str:
+    """One plain progress line for a finished epoch: where the run is, its ETA, its losses."""
+    seconds = row.get("seconds", 0.0)
+    eta = seconds / max(iteration, 1) * (total - iteration)
+    losses = {
+        k: v for k, v in row.items() if k.startswith(("loss_", "kd_")) and isinstance(v, float)
+    }
+    return (
+        f"epoch {row['epoch']}  iter {iteration}/{total}  {seconds / 60:.1f} min  "
+        f"eta {eta / 60:.1f} min  {_loss_text(losses)}"
+    )
 
 
 def _loss_text(means: dict[str, float]) -> str:

@@ -97,3 +97,13 @@ def test_bf16_autocasts_the_training_step_but_evaluation_runs_in_fp32(tmp_path):
     trainer.fit(probe, step, loader, evaluate, lambda model, name, metrics: None)
     assert probe.autocast_seen[:2] == [True, True]  # the two training steps
     assert in_evaluation == [False]
+
+
+def test_a_log_gets_one_line_per_epoch_with_progress_eta_and_losses():
+    from crosskd_cli.engine import epoch_line
+
+    row = {"epoch": 2, "iteration": 200, "lr": 0.005, "loss_qfl": 0.25, "kd_cross_box": 0.5}
+    row["seconds"] = 120.0
+    assert epoch_line(row, iteration=200, total=500) == (
+        "epoch 2  iter 200/500  2.0 min  eta 3.0 min  loss 0.750 qfl 0.250 kd_cross_box 0.500"
+    )
