@@ -76,7 +76,8 @@ def load_restricted(path: Path) -> tuple[Any, set[str]]:
     unpickler = type("Unpickler", (_RestrictedUnpickler,), {"refused": refused})
     module = types.ModuleType("crosskd_restricted_pickle")
     module.Unpickler = unpickler  # type: ignore[attr-defined]
-    module.load = pickle.load  # type: ignore[attr-defined]
+    # torch's legacy (pre-zip) format reads its header with `pickle_module.load`: restricted too
+    module.load = lambda file, **kwargs: unpickler(file, **kwargs).load()  # type: ignore[attr-defined]
     loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
     return loaded, refused
 

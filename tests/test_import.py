@@ -192,3 +192,27 @@ def test_a_checkpoint_without_recorded_data_asks_eval_for_it(mmdet_file, tiny_pr
     result = runner.invoke(app, ["eval", str(tmp_path / "t.safetensors")])
     assert result.exit_code == 2
     assert "records no validation data" in result.output and "--data" in result.output
+
+
+def test_the_legacy_torch_format_is_read_through_the_same_restrictions(tmp_path, tiny_preset):
+    torch.manual_seed(0)
+    model = build_detector(ModelSpec(**TINY))
+    marker = tmp_path / "pwned"
+    path = tmp_path / "legacy.pth"
+    payload = {"meta": {"hook": Payload(marker)}, "state_dict": mmdetection_layout(model)}
+    torch.save(payload, path, _use_new_zipfile_serialization=False)
+    result = run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+
+
+def test_a_file_that_is_one_malicious_pickle_is_refused_without_running_it(tmp_path, tiny_preset):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "header.pth"
+    path.write_bytes(pickle.dumps(Payload(marker)) + b"not a checkpoint")
+    result = run_import(path, "--preset", tiny_preset)
+    assert result.exit_code == 2
+    assert "cannot be read as a PyTorch checkpoint" in result.output
+    assert not marker.exists()
