@@ -315,7 +315,8 @@ class Trainer:
         if self.is_main:
             append_results(self.run, row)
             if not self.console.is_terminal:  # logs and pipes get no live bar: a line per epoch
-                self.console.print(epoch_line(row, state.iteration, total), highlight=False)
+                line = epoch_line(row, state.iteration, total)
+                self.console.print(line, highlight=False, soft_wrap=True)  # one line, unwrapped
         state.epoch += 1
         state.epoch_step = 0
         self._pending_row = {}
