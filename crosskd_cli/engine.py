@@ -351,7 +351,10 @@ class Trainer:
         self.state = TrainerState(**data)
 
     def _progress(self) -> Progress:
-        return progress_bar(self.console, disable=not self.is_main, losses=True)
+        """The live bar, on the main process of a terminal; logs get `epoch_line`s instead
+        (a bar rendered once into a file is one truncated line)."""
+        live = self.is_main and self.console.is_terminal
+        return progress_bar(self.console, disable=not live, losses=True)
 
 
 class ZeroWatch:

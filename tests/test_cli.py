@@ -112,6 +112,7 @@ def teacher_run(tmp_path_factory):
     # not a terminal: one plain line per epoch stands in for the live bar
     lines = result.output.splitlines()
     assert any(line.startswith("epoch 1  iter 3/3") and "giou" in line for line in lines)
+    assert not any(line.startswith("train ━") for line in lines)
     return out
 
 
