@@ -211,7 +211,7 @@ def test_a_file_that_is_one_malicious_pickle_is_refused_without_running_it(tmp_p
 
     marker = tmp_path / "pwned"
     path = tmp_path / "header.pth"
-    path.write_bytes(pickle.dumps(Payload(marker)) + b"not a checkpoint")
+    path.write_bytes(pickle.dumps(Payload(marker), protocol=2) + b"not a checkpoint")
     result = run_import(path, "--preset", tiny_preset)
     assert result.exit_code == 2
     assert "cannot be read as a PyTorch checkpoint" in result.output
