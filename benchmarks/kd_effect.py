@@ -17,7 +17,6 @@ beside them. Needs `pip install -e '.[bench]'` for the plot (matplotlib).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_report import label_of, write_report  # noqa: E402
+
+from crosskd_cli.importing import file_digest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "kd_effect"
@@ -112,7 +113,7 @@ def evaluate(checkpoint: Path, log: Path) -> dict:
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return file_digest(path)[:16]
 
 
 def machine() -> dict:
@@ -181,32 +182,31 @@ def run_missing(args: argparse.Namespace) -> None:
 
     pair = load_preset(args.preset)
     teacher_dir = args.work / "teacher"
+    checkpoint = teacher_dir / "best.safetensors"
     teacher_file = args.results / "teacher.json"
-    if not only or "teacher" in only or not (teacher_dir / "best.safetensors").is_file():
-        seconds = train(
+    if not only or "teacher" in only or not checkpoint.is_file():
+        train(
             "teacher",
             teacher_dir,
             ["--preset", pair.teacher.preset, "--data", args.data, *sets],
             log,
         )
-        checkpoint = teacher_dir / "best.safetensors"
-        if not teacher_file.is_file() or json.loads(teacher_file.read_text())[
-            "checkpoint_sha256"
-        ] != digest(checkpoint):
-            write_result(
-                teacher_file,
-                {
-                    "role": "teacher",
-                    "preset": pair.teacher.preset,
-                    "data": args.data,
-                    "metrics": _metrics(evaluate(checkpoint, log)),
-                    "train_seconds": round(seconds, 1),
-                    "checkpoint_sha256": digest(checkpoint),
-                    "machine": machine(),
-                    "date": time.strftime("%Y-%m-%d"),
-                },
-            )
-    teacher_sha = digest(teacher_dir / "best.safetensors")
+    teacher_sha = digest(checkpoint)  # students record it: a retrained teacher shows up
+    recorded = json.loads(teacher_file.read_text()) if teacher_file.is_file() else {}
+    if recorded.get("checkpoint_sha256") != teacher_sha:
+        write_result(
+            teacher_file,
+            {
+                "role": "teacher",
+                "preset": pair.teacher.preset,
+                "data": args.data,
+                "metrics": _metrics(evaluate(checkpoint, log)),
+                "train_seconds": round(_recorded_seconds(teacher_dir), 1),
+                "checkpoint_sha256": teacher_sha,
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+            },
+        )
     for run in plan(args.seeds):
         if only and not ({run.group, run.name, run.method} & only):
             continue
