@@ -126,16 +126,11 @@ def import_weights(
 
     Example: crosskd teacher import gfl_r101_fpn_ms2x.pth --preset gfl-r101 --data /coco
     """
-    from crosskd_cli.data import resolve_data
     from crosskd_cli.importing import ImportMismatch, import_teacher
 
     spec = load_preset(preset, list(overrides or []))
-    custom = val_ann is not None or val_images is not None
-    source = (
-        resolve_data(data, val_ann=val_ann, val_images=val_images)
-        if data is not None or custom
-        else None
-    )
+    given = data is not None or val_ann is not None or val_images is not None
+    source = data_source(data, spec, None, None, val_ann, val_images) if given else None
     out = out or file.with_suffix(".safetensors")
     if not overwrite:
         refuse_to_clobber([out])
