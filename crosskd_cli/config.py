@@ -47,8 +47,11 @@ class TrainConfig:
     base_batch_size: int = 16  # lr scales linearly with total batch / this
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_iters: int = 500  # linear warm-up length
+    warmup_iters: int = 500  # warm-up length in iterations
     warmup_ratio: float = 0.001  # warm-up starts at lr * this
+    warmup: str = "linear"  # linear (ramp from warmup_ratio) or constant (FCOS: lr * ratio)
+    bias_lr_factor: float = 1.0  # lr x this for conv/linear biases (FCOS: 2)
+    bias_decay_factor: float = 1.0  # weight decay x this for those biases (FCOS: 0)
     milestones: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters is set) of x gamma
     gamma: float = 0.1
     grad_clip: float | None = None  # max gradient norm, None = no clipping
@@ -74,11 +77,46 @@ class DistillConfig:
     # A learnable 1x1 conv per tower maps the student tap to the teacher's width when the heads
     # differ in width; it trains with the student and is never exported.
     adapter: bool = False
-    cls_weight: float = 1.0
-    box_weight: float = 4.0  # GFL KL box-distribution KD
-    pkd_weight: float = 6.0  # GFL
+    # Loss weights; None = the head family's default (KD_DEFAULTS, METHOD.md §3)
+    cls_weight: float | None = None
+    box_weight: float | None = None
+    centerness_weight: float | None = None  # ATSS centerness KD
+    pkd_weight: float | None = None
     beta: float = 1.0  # modulating exponent of the QFL-style cls KD
     temperature: float = 1.0  # KL box KD temperature
+
+
+# The authors' per-family KD weights (METHOD.md §3); FCOS's cls and box weights are its own.
+KD_DEFAULTS = {
+    "gfl": {"cls": 1.0, "box": 4.0, "centerness": 0.0, "pkd": 6.0},
+    "retinanet": {"cls": 1.0, "box": 1.0, "centerness": 0.0, "pkd": 2.0},
+    "atss": {"cls": 1.0, "box": 1.0, "centerness": 1.0, "pkd": 1.0},
+    "fcos": {"cls": 0.4, "box": 0.75, "centerness": 0.0, "pkd": 2.0},
+}
+
+
+def kd_weights(cfg: DistillConfig, family: str) -> dict[str, float]:
+    """{"cls", "box", "centerness", "pkd"}: the config's weights, the family's where unset."""
+    defaults = KD_DEFAULTS.get(family, KD_DEFAULTS["gfl"])
+    given = {
+        "cls": cfg.cls_weight,
+        "box": cfg.box_weight,
+        "centerness": cfg.centerness_weight,
+        "pkd": cfg.pkd_weight,
+    }
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+def resolve_distill(cfg: DistillConfig, family: str) -> DistillConfig:
+    """The config with every weight filled in for `family` (what a run records)."""
+    weights = kd_weights(cfg, family)
+    return dataclasses.replace(
+        cfg,
+        cls_weight=weights["cls"],
+        box_weight=weights["box"],
+        centerness_weight=weights["centerness"],
+        pkd_weight=weights["pkd"],
+    )
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from crosskd_cli.config import DistillConfig
+from crosskd_cli.config import DistillConfig, kd_weights
+from crosskd_cli.criteria import DenseCriterion, FlatOutputs
 from crosskd_cli.errors import ModelError
-from crosskd_cli.losses import bce_kd_loss, kl_box_kd_loss, pkd_loss, qfl_kd_loss
+from crosskd_cli.losses import pkd_loss
 from crosskd_cli.structures import Batch, DetectorOutput, HeadOutput
-from crosskd_cli.targets import flatten_levels
 
 METHODS = ("crosskd", "mimic", "pkd", "crosskd+pkd", "crosskd+mimic", "none")
 ALIGN_EPS = 1e-6
@@ -118,48 +118,6 @@ class AdaptedStudent(nn.Module):
         return model.student
 
 
-class GFLKDLoss:
-    """The GFL prediction-mimicking losses of METHOD.md §3, for one (prediction, teacher) pair."""
-
-    def __init__(self, cfg: DistillConfig, reg_max: int, reduce_mean: Reduce | None = None):
-        self.cfg = cfg
-        self.reg_max = reg_max
-        self.reduce_mean = reduce_mean or (lambda t: t)
-
-    def __call__(
-        self,
-        pred_cls: Tensor,
-        pred_box: Tensor,
-        teacher_cls: Tensor,
-        teacher_box: Tensor,
-        label_weights: Tensor,
-        pos_mask: Tensor,
-        num_pos: Tensor,
-        prefix: str,
-    ) -> dict[str, Tensor]:
-        """Flattened inputs: cls (B, A, C), box (B, A, 4*(reg_max+1)), weights/masks (B, A).
-
-        `num_pos` is already averaged over processes and clamped to >= 1.
-        """
-        cfg, losses = self.cfg, {}
-        if cfg.cls_kd != "none":
-            kd = qfl_kd_loss if cfg.cls_kd == "qfl" else bce_kd_loss
-            kwargs = {"beta": cfg.beta} if cfg.cls_kd == "qfl" else {}
-            cls_sum = kd(pred_cls, teacher_cls, label_weights, **kwargs)
-            losses[f"{prefix}_cls"] = cfg.cls_weight * cls_sum / num_pos
-        if cfg.box_kd:
-            if cfg.region_weight == "soft":
-                region = torch.sigmoid(teacher_cls.detach().max(dim=-1).values) * label_weights
-            else:
-                region = pos_mask.to(pred_box.dtype) * label_weights
-            box_sum = kl_box_kd_loss(
-                pred_box, teacher_box, region, T=cfg.temperature, reg_max=self.reg_max
-            )
-            norm = self.reduce_mean(region.sum().detach()).clamp(min=ALIGN_EPS)
-            losses[f"{prefix}_box"] = cfg.box_weight * box_sum / norm
-        return losses
-
-
 class Distiller:
     """Holds the frozen teacher and computes one distillation step's losses.
 
@@ -170,7 +128,7 @@ class Distiller:
     def __init__(
         self,
         teacher: nn.Module,
-        criterion: Callable,
+        criterion: DenseCriterion,
         cfg: DistillConfig,
         reduce_mean: Reduce | None = None,
     ) -> None:
@@ -179,7 +137,7 @@ class Distiller:
         self.cfg = cfg
         self.parts = MethodParts.of(cfg.method)
         self.reduce_mean = reduce_mean
-        self.kd = GFLKDLoss(cfg, teacher.spec.reg_max, reduce_mean)
+        self.pkd_weight = kd_weights(cfg, teacher.spec.family)["pkd"]
 
     @property
     def tap_index(self) -> int | None:
@@ -190,30 +148,28 @@ class Distiller:
         names = []
         for prefix, on in (("kd_cross", self.parts.cross), ("kd_mimic", self.parts.mimic)):
             if on:
-                names += [f"{prefix}_cls"] * (self.cfg.cls_kd != "none")
-                names += [f"{prefix}_box"] * self.cfg.box_kd
+                names += self.criterion.kd_names(self.cfg, prefix)
         return tuple(names) + (("kd_pkd",) if self.parts.pkd else ())
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """GT losses on the student's own predictions, KD losses as the method says."""
         index = self.tap_index
-        student_out = student(batch.images, batch.image_sizes, tap_index=index)
+        sizes = batch.image_sizes
+        student_out = student(batch.images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
-            student_out.head, batch.targets, batch.image_sizes, self.reduce_mean
+            student_out.head, batch.targets, sizes, self.reduce_mean
         )
         if not (self.parts.cross or self.parts.mimic or self.parts.pkd):
             return losses  # the plain baseline: the teacher is never run
         with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
-            teacher_out = self.teacher(batch.images, batch.image_sizes, tap_index=index)
-        teacher_cls = flatten_levels(teacher_out.head.cls_logits)
-        teacher_box = flatten_levels(teacher_out.head.box_preds)
-        common = (
-            teacher_cls,
-            teacher_box,
-            targets.label_weights,
-            targets.pos_mask,
-            targets.num_pos,
-        )
+            teacher_out = self.teacher(batch.images, sizes, tap_index=index)
+        teacher_flat = self.criterion.flatten(teacher_out.head, sizes)
+
+        def mimic(pred: FlatOutputs, prefix: str) -> dict[str, Tensor]:
+            return self.criterion.kd_losses(
+                pred, teacher_flat, targets, self.cfg, prefix, self.reduce_mean
+            )
+
         if self.parts.cross:
             t_head, s_head = teacher_out.head, student_out.head
             cross = cross_head_forward(
@@ -225,13 +181,11 @@ class Distiller:
                 t_head.reg_taps,
                 align=self.cfg.align,
             )
-            cross_cls = flatten_levels(cross.cls_logits)
-            cross_box = flatten_levels(cross.box_preds)
-            losses.update(self.kd(cross_cls, cross_box, *common, prefix="kd_cross"))
+            losses.update(mimic(self.criterion.flatten(cross, sizes), "kd_cross"))
         if self.parts.mimic:
-            losses.update(self.kd(student_flat.cls, student_flat.box, *common, prefix="kd_mimic"))
+            losses.update(mimic(student_flat, "kd_mimic"))
         if self.parts.pkd:
-            losses["kd_pkd"] = self.cfg.pkd_weight * pkd_loss(
+            losses["kd_pkd"] = self.pkd_weight * pkd_loss(
                 student_out.features, teacher_out.features
             )
         return losses

@@ -24,7 +24,7 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from crosskd_cli.config import TrainConfig
-from crosskd_cli.errors import RunError
+from crosskd_cli.errors import PresetError, RunError
 from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import TRAINER_STATE, RunDir, append_results, write_json
 
@@ -132,13 +132,21 @@ def scaled_lr(cfg: TrainConfig, num_processes: int) -> float:
 
 
 def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up from `warmup_ratio`, then x gamma at each milestone (epochs or iterations)."""
+    """Warm-up (linear from `warmup_ratio`, or constant at it), then x gamma at each milestone
+    (epochs or iterations)."""
+    if cfg.warmup not in ("linear", "constant"):
+        raise PresetError(
+            f"train.warmup '{cfg.warmup}' is not known.",
+            hint="Use --set train.warmup=linear or --set train.warmup=constant.",
+        )
     unit = 1 if cfg.max_iters else iters_per_epoch
     milestones = [m * unit for m in cfg.milestones]
 
     def factor(it: int) -> float:
         decay = cfg.gamma ** sum(it >= m for m in milestones)
         if it < cfg.warmup_iters:
+            if cfg.warmup == "constant":
+                return decay * cfg.warmup_ratio
             k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
             return decay * (1 - k)
         return decay
@@ -147,8 +155,28 @@ def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD over the trainable parameters; biases of convs and linears (not norms) get
+    `bias_lr_factor` x lr and `bias_decay_factor` x weight decay, as MMDetection's
+    `paramwise_cfg` (bias_lr_mult / bias_decay_mult) does for FCOS."""
+    biases = {
+        id(module.bias)
+        for module in model.modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in biases]}]
+    special = [p for p in trainable if id(p) in biases]
+    if special and (cfg.bias_lr_factor != 1.0 or cfg.bias_decay_factor != 1.0):
+        groups.append(
+            {
+                "params": special,
+                "lr": lr * cfg.bias_lr_factor,
+                "weight_decay": cfg.weight_decay * cfg.bias_decay_factor,
+            }
+        )
+    else:
+        groups[0]["params"] += special
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 class Trainer:

@@ -15,11 +15,8 @@ from crosskd_cli.data import CocoDetection, DataSource, build_loader
 from crosskd_cli.errors import DataError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
-from crosskd_cli.postprocess import gfl_postprocess, scale_boxes_to_original
+from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
 from crosskd_cli.structures import Detections, Target
-
-# One post-processing function per head family; every family returns Detections per image.
-POSTPROCESS = {"gfl": gfl_postprocess}
 
 Gather = Callable[[list[Any]], list[Any]]
 
@@ -60,7 +57,6 @@ def predict(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    postprocess = POSTPROCESS[model.spec.family]
     results: list[dict[str, Any]] = []
     for batch in loader:
         batch = batch.to(device)

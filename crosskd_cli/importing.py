@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from crosskd_cli import __version__
+from crosskd_cli.backbone_import import convert_mmdet_backbone
 from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
 from crosskd_cli.config import Preset
 from crosskd_cli.data import CocoDetection, DataSource
@@ -24,16 +25,21 @@ from crosskd_cli.errors import CheckpointError
 from crosskd_cli.models import build_detector
 from crosskd_cli.safe_pickle import load_checkpoint_object, refused_inside
 
-# (MMDetection key pattern, crosskd key template): backbone names are torchvision's in both;
-# MMDetection's ConvModule adds `.conv` / `.gn` levels that crosskd's blocks name conv / norm.
+# (MMDetection key pattern, crosskd key template) for the neck and the head; backbone keys go
+# through `convert_mmdet_backbone`. MMDetection's ConvModule adds `.conv` / `.gn` levels that
+# crosskd's blocks name conv / norm; predictor names are MMDetection's in every family.
+PREDICTORS = (
+    "gfl_cls|gfl_reg|retina_cls|retina_reg|atss_cls|atss_reg|atss_centerness"
+    "|conv_cls|conv_reg|conv_centerness"
+)
 KEY_RULES = [
-    (r"backbone\.(.+)", r"backbone.\1"),
     (r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)", r"neck.\1.\2.\3"),
     (r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", r"head.\1_tower.\2.conv.\3"),
     (r"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)", r"head.\1_tower.\2.norm.\3"),
-    (r"bbox_head\.(gfl_cls|gfl_reg)\.(weight|bias)", r"head.\1.\2"),
+    (rf"bbox_head\.({PREDICTORS})\.(weight|bias)", r"head.\1.\2"),
     (r"bbox_head\.scales\.(\d+)\.scale", r"head.scales.\1.scale"),
 ]
+BACKBONE_PREFIX = "backbone."
 # Buffers MMDetection saves that crosskd computes instead; each is checked, then dropped.
 DERIVED = {"bbox_head.integral.project"}  # GFL's 0..reg_max projection vector
 
@@ -135,19 +141,35 @@ def class_names_in(meta: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def rename_keys(
+    state: dict[str, Tensor], backbone: str, reg_max: int
+) -> tuple[list[tuple[str, str | None, Tensor]], list[str]]:
+    """[(file key, crosskd key or None, tensor)] for every tensor, backbone included, and the
+    backbone keys no rule maps (MMDetection names them; crosskd has no such layer)."""
+    renamed: list[tuple[str, str | None, Tensor]] = []
+    backbone_state = {}
+    for key, value in state.items():
+        if key in DERIVED:
+            _check_projection(key, value, reg_max)
+        elif key.startswith(BACKBONE_PREFIX):
+            backbone_state[key[len(BACKBONE_PREFIX) :]] = value
+        else:
+            renamed.append((key, map_key(key), value))
+    converted, unmapped = convert_mmdet_backbone(backbone, backbone_state)
+    renamed += [(BACKBONE_PREFIX + k, BACKBONE_PREFIX + k, v) for k, v in converted.items()]
+    return renamed, [BACKBONE_PREFIX + k for k in unmapped]
+
+
 def convert_state(
-    state: dict[str, Tensor], model: nn.Module, reg_max: int
+    state: dict[str, Tensor], model: nn.Module, backbone: str, reg_max: int
 ) -> tuple[dict[str, Tensor], ImportReport]:
     """Rename the file's tensors to crosskd's keys and compare them with `model`'s."""
     report = ImportReport()
     expected = model.state_dict()
     converted: dict[str, Tensor] = {}
     covered: set[str] = set()  # model keys the file names, whatever their shape
-    for key, value in state.items():
-        if key in DERIVED:
-            _check_projection(key, value, reg_max)
-            continue
-        name = map_key(key)
+    renamed, report.unmapped = rename_keys(state, backbone, reg_max)
+    for key, name, value in renamed:
         if name is None:
             report.unmapped.append(key)
         elif name not in expected:
@@ -161,7 +183,10 @@ def convert_state(
             covered.add(name)
             converted[name] = value
             report.loaded.append(name)
-    report.missing = [k for k in expected if k not in covered]
+    # A BN counter only matters for momentum=None; torch fills a missing one with 0
+    report.missing = [
+        k for k in expected if k not in covered and not k.endswith("num_batches_tracked")
+    ]
     return converted, report
 
 
@@ -219,7 +244,7 @@ def import_teacher(
     names, ids, classes_from = resolve_classes(file_meta, data, preset.model.num_classes)
     spec = dataclasses.replace(preset.model, num_classes=len(names))
     model = build_detector(spec)
-    converted, report = convert_state(state, model, spec.reg_max)
+    converted, report = convert_state(state, model, spec.backbone, spec.reg_max)
     report.refused_metadata = refused
     if report.problems and not allow_partial:
         counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in report.problems)

@@ -1,4 +1,4 @@
-"""Every loss as a pure function: GFL's ground-truth losses and the distillation losses.
+"""Every loss as a pure function: the families' ground-truth losses and the distillation losses.
 
 GT losses take `reduction` "none" (per element, weighted) or "sum" (weighted sum); none of them
 divides by anything. The KD losses return weighted sums. Normalisation (by the number of
@@ -14,12 +14,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from crosskd_cli.errors import ModelError
+from crosskd_cli.targets import aligned_box_iou
 
 Reduction = Literal["none", "sum"]
 STD_EPS = 1e-6  # PKD standardisation: unbiased std + 1e-6
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+IOU_LOSS_EPS = 1e-6  # -ln IoU floors the IoU here, as MMDetection's IoULoss
 
 
 def _reduce(loss: Tensor, weight: Tensor | None, reduction: Reduction) -> Tensor:
@@ -79,6 +82,39 @@ def distribution_focal_loss(
     nll_left = -log_probs.gather(-1, left[..., None]).squeeze(-1)
     nll_right = -log_probs.gather(-1, right[..., None]).squeeze(-1)
     return _reduce(nll_left * weight_left + nll_right * weight_right, weight, reduction)
+
+
+def focal_loss(
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None = None,
+    alpha: float = FOCAL_ALPHA,
+    gamma: float = FOCAL_GAMMA,
+) -> Tensor:
+    """Sigmoid focal loss (https://arxiv.org/abs/1708.02002), summed. torchvision's op.
+
+    logits: (..., C); labels: (...) int64 with background = C (an all-zero target row);
+    weight: (...) per prior. Sum over classes, weighted, summed; the caller divides.
+    """
+    num_classes = logits.shape[-1]
+    one_hot = F.one_hot(labels.clamp(max=num_classes), num_classes + 1)[..., :num_classes]
+    loss = sigmoid_focal_loss(logits, one_hot.to(logits.dtype), alpha, gamma, reduction="none")
+    return _reduce(loss.sum(-1), weight, "sum")
+
+
+def iou_loss(
+    pred: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    reduction: Reduction = "sum",
+    eps: float = IOU_LOSS_EPS,
+) -> Tensor:
+    """-ln IoU (UnitBox, https://arxiv.org/abs/1608.01471), FCOS's box loss. (..., 4) xyxy.
+
+    The IoU is floored at eps, so non-overlapping boxes cost -ln(eps) and stay finite.
+    """
+    loss = -aligned_box_iou(pred, target).clamp(min=eps).log()
+    return _reduce(loss, weight, reduction)
 
 
 def giou_loss(

@@ -29,7 +29,10 @@ def pair_problems(
     differ("head families", teacher.family, student.family)
     differ("class counts", teacher.num_classes, student.num_classes)
     differ("FPN strides (levels)", list(teacher.strides), list(student.strides))
-    differ("anchor scales", teacher.octave_base_scale, student.octave_base_scale)
+    if "fcos" not in (teacher.family, student.family):
+        anchors_t = (teacher.octave_base_scale, teacher.scales_per_octave, teacher.anchor_ratios)
+        anchors_s = (student.octave_base_scale, student.scales_per_octave, student.anchor_ratios)
+        differ("anchors (base scale, scales per octave, ratios)", anchors_t, anchors_s)
     if teacher.family == "gfl":
         differ("reg_max", teacher.reg_max, student.reg_max)
     teacher_width, student_width = tap_widths(teacher, student, cross_index)

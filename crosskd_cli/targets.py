@@ -1,13 +1,17 @@
-"""Anchors, ATSS assignment and GFL box coding: everything that turns ground truth into targets.
+"""Anchors, points, assignment and box coding: everything that turns ground truth into targets.
 
-Geometry follows MMDetection 3.x GFL so imported checkpoints see the same anchors: one square
-anchor per location, centre (x * s, y * s), side octave_base_scale * s, levels concatenated
-P3..P7, row-major (y, then x) within a level. Assignment and target building run under
-`no_grad`; the box-coding helpers stay differentiable because the losses decode through them.
+Geometry follows MMDetection 3.x so imported checkpoints see the same priors. Anchors of
+stride s at location (x, y) are centred at (x * s, y * s) (FCOS points at ((x + 0.5) * s,
+(y + 0.5) * s)); the anchors of one location are ordered ratio-major, then scale (MMDetection's
+AnchorGenerator); levels are concatenated P3..P7, row-major (y, then x) within a level, the
+anchors of a location adjacent. That is also the order in which `flatten_levels` lays out a
+head's (B, A * K, H, W) outputs. Assignment and target building run under `no_grad`; the
+box-coding helpers stay differentiable because the losses decode through them.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +27,15 @@ from crosskd_cli.structures import Target
 # matched_idxs sentinels (a value >= 0 is the index of the matched ground-truth box)
 NEGATIVE = -1  # a valid anchor assigned to background
 OUT_OF_IMAGE = -2  # an anchor outside its image's unpadded extent: never positive, weight 0
+IGNORED = -3  # RetinaNet's IoU band between negative and positive: weight 0
 
 ATSS_TOPK = 9  # candidates per level and per ground-truth box
 INSIDE_MARGIN = 0.01  # an anchor centre must lie more than this (px) inside the box
 DISTANCE_EPS = 0.1  # encoded distances stop at reg_max - 0.1 so the right DFL bin exists
 IOU_EPS = 1e-6  # union floor of the aligned IoU, as MMDetection's bbox_overlaps
+POS_IOU, NEG_IOU = 0.5, 0.4  # RetinaNet's max-IoU thresholds
+WH_RATIO_CLIP = 16 / 1000  # delta decoding clamps log(w / w_anchor) to +-|log(this)|
+FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, 1e8))
 _CACHE_SIZE = 32  # distinct feature-size sets kept (multi-scale training has a handful)
 
 FeatureSizes = Sequence[tuple[int, int]]
@@ -36,10 +44,11 @@ ReduceMean = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class AnchorSet:
-    """All anchors of one feature pyramid, levels concatenated (level-major, then y, then x).
+    """All priors of one feature pyramid, in the flattened order (see the module docstring).
 
-    boxes: (A, 4) xyxy; strides: (A,) float, each anchor's level stride; grid_xy: (A, 2)
-    int64, the (x, y) location on its level; num_per_level: anchors of each level.
+    boxes: (A, 4) xyxy (zero-size at the point for FCOS); strides: (A,) float, each prior's
+    level stride; grid_xy: (A, 2) int64, the (x, y) location on its level; num_per_level:
+    priors of each level.
     """
 
     boxes: Tensor
@@ -49,17 +58,44 @@ class AnchorSet:
 
     @property
     def centers(self) -> Tensor:
-        """(A, 2) anchor centres (x, y) in pixels."""
+        """(A, 2) prior centres (x, y) in pixels."""
         return (self.boxes[:, :2] + self.boxes[:, 2:]) / 2
 
 
 class AnchorGrid:
-    """One square anchor per location and level, cached per (feature sizes, device, dtype)."""
+    """MMDetection's AnchorGenerator (and, with center_offset 0.5 and zero size, its point
+    generator), cached per (feature sizes, device, dtype).
 
-    def __init__(self, strides: Sequence[int], octave_base_scale: float = 8.0) -> None:
+    Base anchor k of a location, for ratio r (outer loop) and octave scale
+    c = octave_base_scale * 2 ** (j / scales_per_octave) (inner loop): width s * c / sqrt(r),
+    height s * c * sqrt(r), centred at ((x + center_offset) * s, (y + center_offset) * s).
+    """
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        octave_base_scale: float = 8.0,
+        scales_per_octave: int = 1,
+        ratios: Sequence[float] = (1.0,),
+        center_offset: float = 0.0,
+    ) -> None:
         self.strides = tuple(int(s) for s in strides)
         self.octave_base_scale = float(octave_base_scale)
+        self.scales_per_octave = int(scales_per_octave)  # octave_base_scale 0: FCOS points
+        self.ratios = tuple(float(r) for r in ratios)
+        self.center_offset = float(center_offset)
         self._cache: OrderedDict[tuple, AnchorSet] = OrderedDict()
+
+    @classmethod
+    def from_spec(cls, spec) -> AnchorGrid:
+        """The priors of a ModelSpec's family: FCOS points, else its anchors."""
+        if spec.family == "fcos":
+            return cls(spec.strides, octave_base_scale=0.0, center_offset=0.5)
+        return cls(spec.strides, spec.octave_base_scale, spec.scales_per_octave, spec.anchor_ratios)
+
+    @property
+    def per_location(self) -> int:
+        return len(self.ratios) * self.scales_per_octave
 
     def __call__(
         self,
@@ -67,7 +103,7 @@ class AnchorGrid:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> AnchorSet:
-        """Anchors for feature maps of the given (H, W) per level, P3 first."""
+        """Priors for feature maps of the given (H, W) per level, P3 first."""
         sizes = tuple((int(h), int(w)) for h, w in feature_sizes)
         key = (sizes, str(torch.device(device)), dtype)
         if key not in self._cache:
@@ -76,10 +112,32 @@ class AnchorGrid:
                 self._cache.popitem(last=False)
         return self._cache[key]
 
+    def base_anchors(self, stride: int) -> Tensor:
+        """(K, 4) float32 anchors of location (0, 0), in MMDetection's order (ratio-major).
+
+        Computed in float32 with MMDetection's sequence of operations, so imported RetinaNet
+        teachers see bit-identical anchors.
+        """
+        h_ratios = torch.tensor(self.ratios).sqrt()
+        w_ratios = 1 / h_ratios
+        octave = torch.tensor(
+            [2 ** (j / self.scales_per_octave) for j in range(self.scales_per_octave)]
+        )
+        scales = octave * self.octave_base_scale
+        widths = (stride * w_ratios[:, None] * scales[None, :]).reshape(-1)
+        heights = (stride * h_ratios[:, None] * scales[None, :]).reshape(-1)
+        center = self.center_offset * stride
+        return torch.stack(
+            [center - 0.5 * widths, center - 0.5 * heights, center + 0.5 * widths,
+             center + 0.5 * heights],
+            dim=1,
+        )  # fmt: skip
+
     def _build(
         self, sizes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
     ) -> AnchorSet:
         boxes, strides, grid = [], [], []
+        per_location = self.per_location
         for (height, width), stride in zip(sizes, self.strides, strict=True):
             ys, xs = torch.meshgrid(
                 torch.arange(height, device=device),
@@ -87,16 +145,17 @@ class AnchorGrid:
                 indexing="ij",
             )
             xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)  # (H*W, 2), x fastest
-            centers = (xy * stride).to(dtype)
-            half = self.octave_base_scale * stride / 2
-            boxes.append(torch.cat([centers - half, centers + half], dim=1))
-            strides.append(torch.full((height * width,), stride, dtype=dtype, device=device))
-            grid.append(xy)
+            shifts = (xy * stride).to(dtype).repeat(1, 2)  # (H*W, 4)
+            base = self.base_anchors(stride).to(device, dtype)  # (K, 4)
+            boxes.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
+            count = height * width * per_location
+            strides.append(torch.full((count,), stride, dtype=dtype, device=device))
+            grid.append(xy.repeat_interleave(per_location, dim=0))
         return AnchorSet(
             torch.cat(boxes),
             torch.cat(strides),
             torch.cat(grid),
-            tuple(h * w for h, w in sizes),
+            tuple(h * w * per_location for h, w in sizes),
         )
 
     def valid_mask(
@@ -118,13 +177,18 @@ class AnchorGrid:
         return (anchors.grid_xy[:, 0] < cols) & (anchors.grid_xy[:, 1] < rows)
 
 
-def flatten_levels(per_level: Sequence[Tensor]) -> Tensor:
-    """Per-level (B, C, H, W) maps -> (B, sum H*W, C), in the anchors' order.
+def flatten_levels(per_level: Sequence[Tensor], per_location: int = 1) -> Tensor:
+    """Per-level (B, K * C, H, W) maps -> (B, sum H*W*K, C), in the priors' order.
 
-    Done once per step and shared by the GT losses and the KD losses.
+    K = per_location priors (RetinaNet's 9 anchors), each with C channels. Done once per step
+    and shared by the GT losses and the KD losses.
     """
     return torch.cat(
-        [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]) for x in per_level], dim=1
+        [
+            x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1] // per_location)
+            for x in per_level
+        ],
+        dim=1,
     )
 
 
@@ -211,13 +275,14 @@ def _masked_mean_plus_std(values: Tensor, mask: Tensor) -> Tensor:
 
 
 @dataclass
-class GFLTargets:
-    """Training targets of a batch, aligned with the flattened anchors.
+class DenseTargets:
+    """Training targets of a batch, aligned with the flattened priors (every family).
 
     labels: (B, A) int64, background = num_classes; label_weights: (B, A) float, 1 on valid
-    anchors; bbox_targets: (B, A, 4) xyxy pixels (zero off positives); pos_mask: (B, A) bool;
-    matched_idxs: (B, A) int64 (see NEGATIVE / OUT_OF_IMAGE); num_pos: scalar float, the
-    positives summed over images with at least 1 per image, averaged across processes, >= 1.
+    priors (0 outside the image and in RetinaNet's ignore band; FCOS: 1 everywhere);
+    bbox_targets: (B, A, 4) xyxy pixels (zero off positives); pos_mask: (B, A) bool;
+    matched_idxs: (B, A) int64 (see the sentinels above); num_pos: scalar float, the
+    positives (see `build_targets`), >= 1.
     """
 
     labels: Tensor
@@ -226,20 +291,24 @@ class GFLTargets:
     pos_mask: Tensor
     matched_idxs: Tensor
     num_pos: Tensor
+    centerness: Tensor | None = None  # (B, A) ATSS/FCOS centerness targets, 0 off positives
 
 
 @torch.no_grad()
-def build_gfl_targets(
+def build_targets(
     matched_idxs: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     num_classes: int,
     reduce_mean: ReduceMean | None = None,
-) -> GFLTargets:
-    """Gather each positive anchor's box and label (MMDetection GFLHead.get_targets).
+    min_one_per_image: bool = True,
+) -> DenseTargets:
+    """Gather each positive prior's box and label (MMDetection's `get_targets`).
 
-    matched_idxs: (B, A) from `atss_assign`; gt_boxes (B, G, 4); gt_labels (B, G).
-    `reduce_mean` averages num_pos across processes (identity when None).
+    matched_idxs: (B, A) from an assigner; gt_boxes (B, G, 4); gt_labels (B, G).
+    num_pos counts at least 1 per image when `min_one_per_image` (GFL, ATSS), else the plain
+    total (RetinaNet, FCOS), then is averaged across processes by `reduce_mean` (identity when
+    None) and floored at 1. Weight 0 only where matched_idxs is OUT_OF_IMAGE or IGNORED.
     """
     pos = matched_idxs >= 0
     index = matched_idxs.clamp(min=0)
@@ -249,12 +318,13 @@ def build_gfl_targets(
     labels = torch.where(pos, gt_labels.gather(1, index), num_classes)
     boxes = gt_boxes.gather(1, index[..., None].expand(-1, -1, 4))
     boxes = boxes.masked_fill(~pos[..., None], 0.0)
-    num_pos = pos.sum(1).clamp(min=1).sum().to(torch.float32)
+    per_image = pos.sum(1)
+    num_pos = (per_image.clamp(min=1) if min_one_per_image else per_image).sum().float()
     if reduce_mean is not None:
         num_pos = reduce_mean(num_pos)
-    return GFLTargets(
+    return DenseTargets(
         labels=labels,
-        label_weights=(matched_idxs != OUT_OF_IMAGE).to(torch.float32),
+        label_weights=(matched_idxs >= NEGATIVE).to(torch.float32),
         bbox_targets=boxes,
         pos_mask=pos,
         matched_idxs=matched_idxs,
@@ -283,10 +353,7 @@ def distance_to_bbox(points: Tensor, distance: Tensor, max_shape: Tensor | None 
     max_shape: (h, w) broadcastable to (..., 2); boxes are then clamped to [0, w] x [0, h].
     """
     boxes = torch.cat([points - distance[..., :2], points + distance[..., 2:]], dim=-1)
-    if max_shape is not None:
-        max_xy = max_shape.flip(-1).to(boxes.dtype)  # (w, h)
-        boxes = torch.minimum(boxes.clamp(min=0), torch.cat([max_xy, max_xy], dim=-1))
-    return boxes
+    return boxes if max_shape is None else clamp_to_image(boxes, max_shape)
 
 
 def integral(box_logits: Tensor, reg_max: int) -> Tensor:
@@ -307,3 +374,144 @@ def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = IOU_EPS) -> Ten
     area1 = (boxes1[..., 2:] - boxes1[..., :2]).prod(-1)
     area2 = (boxes2[..., 2:] - boxes2[..., :2]).prod(-1)
     return inter / (area1 + area2 - inter).clamp(min=eps)
+
+
+@torch.no_grad()
+def max_iou_assign(
+    anchors: AnchorSet,
+    valid: Tensor,
+    gt_boxes: Tensor,
+    gt_mask: Tensor,
+    pos_iou: float = POS_IOU,
+    neg_iou: float = NEG_IOU,
+) -> Tensor:
+    """MMDetection's MaxIoUAssigner as RetinaNet configures it, batched over images.
+
+    A valid anchor whose best IoU is >= pos_iou takes that box; below neg_iou it is NEGATIVE;
+    in between IGNORED. Low-quality matches (min_pos_iou=0, gt_max_assign_all): every anchor
+    sharing a box's highest IoU becomes positive for it, later boxes winning, as MMDetection
+    loops over boxes in order. One deliberate difference: a box no anchor overlaps at all
+    (best IoU 0) gets no low-quality match, where MMDetection would make every non-overlapping
+    anchor positive for it.
+
+    anchors: A anchors; valid: (B, A) bool; gt_boxes: (B, G, 4); gt_mask: (B, G) bool.
+    Returns matched_idxs (B, A) int64: box index, NEGATIVE, IGNORED or OUT_OF_IMAGE.
+    """
+    batch, num_anchors = valid.shape
+    num_gt = gt_boxes.shape[1]
+    if num_gt == 0:
+        matched = torch.full_like(valid, NEGATIVE, dtype=torch.int64)
+        return matched.masked_fill(~valid, OUT_OF_IMAGE)
+    iou = box_iou(anchors.boxes, gt_boxes.reshape(-1, 4)).view(num_anchors, batch, num_gt)
+    iou = iou.permute(1, 0, 2).masked_fill(~gt_mask[:, None, :], -1.0)  # (B, A, G)
+    best_iou, best_gt = iou.max(dim=2)
+    matched = torch.full_like(best_gt, IGNORED)
+    matched = torch.where(best_iou < neg_iou, NEGATIVE, matched)
+    matched = torch.where(best_iou >= pos_iou, best_gt, matched)
+
+    gt_best = iou.masked_fill(~valid[..., None], -1.0).amax(dim=1)  # (B, G) over valid anchors
+    is_best = (iou == gt_best[:, None, :]) & (gt_best > 0)[:, None, :] & valid[..., None]
+    box_index = torch.arange(num_gt, device=iou.device)
+    last_best = torch.where(is_best, box_index, -1).amax(dim=2)  # (B, A): later boxes win
+    matched = torch.where(last_best >= 0, last_best, matched)
+    return matched.masked_fill(~valid, OUT_OF_IMAGE)
+
+
+@torch.no_grad()
+def fcos_assign(points: AnchorSet, gt_boxes: Tensor, gt_mask: Tensor) -> Tensor:
+    """FCOS without centre sampling (MMDetection FCOSHead._get_targets_single), batched.
+
+    A point is a candidate of a box when it lies strictly inside it and its largest distance
+    to the box's sides falls in its level's regress range (FCOS_RANGES); among candidates the
+    box of smallest area wins (the first on ties). Every point counts (no valid mask: FCOS
+    trains its padding as background, as MMDetection does).
+
+    Returns matched_idxs (B, A) int64: box index or NEGATIVE.
+    """
+    batch, num_gt = gt_boxes.shape[:2]
+    num_points = points.boxes.shape[0]
+    if num_gt == 0:
+        return torch.full((batch, num_points), NEGATIVE, dtype=torch.int64, device=gt_boxes.device)
+    ranges = torch.tensor(FCOS_RANGES[: len(points.num_per_level)], device=gt_boxes.device)
+    ranges = ranges.repeat_interleave(torch.tensor(points.num_per_level, device=ranges.device), 0)
+    distances = bbox_to_distance(points.centers[None, :, None, :], gt_boxes[:, None, :, :])
+    inside = distances.amin(-1) > 0  # (B, A, G)
+    reach = distances.amax(-1)
+    in_range = (reach >= ranges[None, :, None, 0]) & (reach <= ranges[None, :, None, 1])
+    areas = (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1])
+    ok = inside & in_range & gt_mask[:, None, :]
+    areas = torch.where(ok, areas[:, None, :], float("inf"))
+    min_area, best_gt = areas.min(dim=2)
+    return torch.where(torch.isfinite(min_area), best_gt, NEGATIVE)
+
+
+def centerness_target(distances: Tensor) -> Tensor:
+    """FCOS/ATSS centerness of (l, t, r, b) distances (..., 4) -> (...) in [0, 1].
+
+    sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)); callers only use it on positives.
+    """
+    left_right = distances[..., [0, 2]]
+    top_bottom = distances[..., [1, 3]]
+    ratio = (left_right.amin(-1) / left_right.amax(-1)) * (
+        top_bottom.amin(-1) / top_bottom.amax(-1)
+    )
+    return ratio.clamp(min=0).sqrt()
+
+
+def encode_deltas(anchors: Tensor, boxes: Tensor, stds: Sequence[float]) -> Tensor:
+    """MMDetection's DeltaXYWHBBoxCoder.encode (means 0): boxes -> (dx, dy, dw, dh) / stds."""
+    anchor_wh = anchors[..., 2:] - anchors[..., :2]
+    anchor_xy = (anchors[..., :2] + anchors[..., 2:]) / 2
+    box_wh = boxes[..., 2:] - boxes[..., :2]
+    box_xy = (boxes[..., :2] + boxes[..., 2:]) / 2
+    deltas = torch.cat([(box_xy - anchor_xy) / anchor_wh, torch.log(box_wh / anchor_wh)], -1)
+    return deltas / deltas.new_tensor(stds)
+
+
+def decode_deltas(
+    anchors: Tensor, deltas: Tensor, stds: Sequence[float], max_shape: Tensor | None = None
+) -> Tensor:
+    """MMDetection's DeltaXYWHBBoxCoder.decode (means 0, wh_ratio_clip 16/1000).
+
+    anchors (..., 4), deltas (..., 4) -> boxes (..., 4); with max_shape ((h, w) broadcastable
+    to (..., 2)) boxes are clamped to the image, as at test time.
+    """
+    deltas = deltas * deltas.new_tensor(stds)
+    max_ratio = abs(math.log(WH_RATIO_CLIP))
+    anchor_wh = anchors[..., 2:] - anchors[..., :2]
+    anchor_xy = (anchors[..., :2] + anchors[..., 2:]) * 0.5
+    center = anchor_xy + anchor_wh * deltas[..., :2]
+    size = anchor_wh * deltas[..., 2:].clamp(min=-max_ratio, max=max_ratio).exp()
+    boxes = torch.cat([center - size * 0.5, center + size * 0.5], dim=-1)
+    return boxes if max_shape is None else clamp_to_image(boxes, max_shape)
+
+
+def clamp_to_image(boxes: Tensor, max_shape: Tensor) -> Tensor:
+    """Clamp xyxy boxes (..., 4) to [0, w] x [0, h]; max_shape (h, w) broadcastable to (..., 2)."""
+    max_xy = max_shape.flip(-1).to(boxes.dtype)  # (w, h)
+    return torch.minimum(boxes.clamp(min=0), torch.cat([max_xy, max_xy], dim=-1))
+
+
+DELTA_STDS = {"retinanet": (1.0, 1.0, 1.0, 1.0), "atss": (0.1, 0.1, 0.2, 0.2)}
+
+
+def decode_boxes(
+    family: str,
+    priors: Tensor,
+    strides: Tensor,
+    box_preds: Tensor,
+    max_shape: Tensor | None = None,
+    reg_max: int = 16,
+) -> Tensor:
+    """A family's box predictions -> xyxy boxes in pixels, as MMDetection decodes them.
+
+    priors (..., 4) anchors (FCOS: zero-size boxes at the points); strides (...) per prior;
+    box_preds (..., K): GFL distribution logits (integral x stride from the anchor centre),
+    RetinaNet/ATSS deltas, FCOS pixel distances from the point. max_shape clamps (test time).
+    """
+    if family in DELTA_STDS:
+        return decode_deltas(priors, box_preds, DELTA_STDS[family], max_shape)
+    centers = (priors[..., :2] + priors[..., 2:]) / 2
+    if family == "gfl":
+        box_preds = integral(box_preds, reg_max) * strides[..., None]
+    return distance_to_bbox(centers, box_preds, max_shape)

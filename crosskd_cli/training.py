@@ -13,8 +13,8 @@ from torch import nn
 
 from crosskd_cli import __version__
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
-from crosskd_cli.config import Preset, to_dict
-from crosskd_cli.criterion import build_criterion
+from crosskd_cli.config import Preset, resolve_distill, to_dict
+from crosskd_cli.criteria import build_criterion
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
 from crosskd_cli.distill import AdaptedStudent, Distiller, MethodParts, TapAdapter
 from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
@@ -266,7 +266,8 @@ def distill_student(
     splits = load_splits(preset, data)
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
-    cfg = preset.distill
+    cfg = resolve_distill(preset.distill, spec.family)  # the family's KD weights, recorded
+    preset = dataclasses.replace(preset, distill=cfg)
     bridged = cfg.adapter or not MethodParts.of(cfg.method).cross  # no cross branch: no taps
     check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path, bridged)
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)

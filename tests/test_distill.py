@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from crosskd_cli.config import DistillConfig
-from crosskd_cli.criterion import build_criterion
+from crosskd_cli.criteria import FlatOutputs, build_criterion
 from crosskd_cli.distill import (
     AdaptedStudent,
     Distiller,
-    GFLKDLoss,
     MethodParts,
     TapAdapter,
     align_tap,
@@ -23,6 +22,7 @@ from crosskd_cli.models import build_detector
 from crosskd_cli.pairing import check_cross_index, pair_problems
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Batch, Target
+from crosskd_cli.targets import DenseTargets
 
 STUDENT = ModelSpec(
     backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8
@@ -206,26 +206,23 @@ def test_unknown_method_lists_the_valid_ones():
 
 
 def test_gfl_kd_loss_normalises_cls_by_positives_and_box_by_the_soft_region_weights():
-    cfg = DistillConfig(cls_weight=1.0, box_weight=4.0)
-    kd = GFLKDLoss(cfg, reg_max=1)
+    cfg = DistillConfig()  # GFL's default weights: cls 1, box 4
+    criterion = build_criterion(ModelSpec(num_classes=1, reg_max=1))
     # one image, two locations, one class; reg_max 1 -> 2 bins x 4 sides = 8 logits
-    pred_cls = torch.tensor([[[0.0], [0.0]]])
-    teacher_cls = torch.tensor([[[0.0], [2.0]]])
-    pred_box = torch.zeros(1, 2, 8)
     teacher_box = torch.zeros(1, 2, 8)
     teacher_box[0, 1, 0] = 1.0  # side 0 of location 1 prefers bin 0
-    label_weights = torch.tensor([[1.0, 1.0]])
+    pred = FlatOutputs(torch.tensor([[[0.0], [0.0]]]), torch.zeros(1, 2, 8), None, None, None)
+    teacher = FlatOutputs(torch.tensor([[[0.0], [2.0]]]), teacher_box, None, None, None)
     pos = torch.tensor([[False, True]])
-    losses = kd(
-        pred_cls,
-        pred_box,
-        teacher_cls,
-        teacher_box,
-        label_weights,
-        pos,
-        torch.tensor(2.0),
-        prefix="kd",
+    targets = DenseTargets(
+        labels=torch.tensor([[1, 0]]),
+        label_weights=torch.tensor([[1.0, 1.0]]),
+        bbox_targets=torch.zeros(1, 2, 4),
+        pos_mask=pos,
+        matched_idxs=torch.tensor([[-1, 0]]),
+        num_pos=torch.tensor(2.0),
     )
+    losses = criterion.kd_losses(pred, teacher, targets, cfg, prefix="kd")
     # cls: location 0 teacher p=0.5, student p=0.5 -> |diff| = 0 -> 0.
     # location 1: teacher q = sigmoid(2) = 0.880797; student p = 0.5
     # BCE(0 logit, q) = ln 2 = 0.693147; x |0.5 - q| = 0.380797 -> 0.263948; / num_pos 2

@@ -55,7 +55,8 @@ def mmdetection_layout(model) -> dict[str, torch.Tensor]:
                 state[f"bbox_head.{tower}_convs.{index}.{layer}.{param}"] = value
             else:  # gfl_cls.*, gfl_reg.*, scales.K.scale
                 state[f"bbox_head.{rest}"] = value
-    state["bbox_head.integral.project"] = torch.linspace(0, 16, 17)
+    if model.spec.family == "gfl":
+        state["bbox_head.integral.project"] = torch.linspace(0, 16, 17)
     return state
 
 
@@ -102,6 +103,49 @@ def test_an_imported_gfl_teacher_predicts_exactly_what_the_original_did(
         assert torch.equal(a, b)
 
 
+FAMILIES = {
+    "retinanet": {
+        "family": "retinanet",
+        "norm_groups": None,
+        "octave_base_scale": 4,
+        "scales_per_octave": 3,
+        "anchor_ratios": [0.5, 1.0, 2.0],
+        "extra_convs_source": "c5",
+    },
+    "atss": {"family": "atss"},
+    "fcos": {"family": "fcos", "relu_before_extra_convs": True},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_imports_to_identical_raw_outputs(family, tmp_path):
+    """RetinaNet (C5-fed P6, no head norm, biased tower convs), ATSS and FCOS (centerness)."""
+    model_cfg = {**TINY, **FAMILIES[family]}
+    preset = tmp_path / f"tiny-{family}.yaml"
+    preset.write_text(json.dumps({"model": model_cfg, "data": {"scale": [96, 96]}}))
+    torch.manual_seed(0)
+    spec_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
+    model = build_detector(ModelSpec(**spec_fields)).eval()
+    path = tmp_path / f"{family}.pth"
+    torch.save({"meta": {"CLASSES": COCO_CLASSES}, "state_dict": mmdetection_layout(model)}, path)
+    result = run_import(path, "--preset", preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    state, meta = load_checkpoint(tmp_path / "t.safetensors")
+    assert meta.model.family == family
+    rebuilt = build_detector(meta.model).eval()
+    load_state_into(rebuilt, state, source="t.safetensors")
+    images = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        before, after = model(images).head, rebuilt(images).head
+    assert len(before.centerness) == (0 if family == "retinanet" else 5)
+    for a, b in zip(
+        before.cls_logits + before.box_preds + before.centerness,
+        after.cls_logits + after.box_preds + after.centerness,
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 def test_pickled_code_in_the_metadata_never_runs(tmp_path, tiny_preset):
     torch.manual_seed(0)
     model = build_detector(ModelSpec(**TINY))
@@ -129,14 +173,14 @@ def test_every_key_that_does_not_fit_is_named_and_partial_loads_need_asking(
     _, path = mmdet_file
     saved = torch.load(path, weights_only=False)
     weights = saved["state_dict"]
-    weights["bbox_head.atss_centerness.weight"] = torch.zeros(1, 32, 3, 3)
+    weights["bbox_head.dcn_offset.weight"] = torch.zeros(1, 32, 3, 3)
     del weights["bbox_head.scales.4.scale"]
     torch.save({"state_dict": weights}, path)
 
     result = run_import(path, "--preset", tiny_preset, "--out", tmp_path / "t.safetensors")
     assert result.exit_code == 2
     assert "1 not an MMDetection key crosskd knows, 1 missing from the file" in result.output
-    assert "bbox_head.atss_centerness.weight" in result.output
+    assert "bbox_head.dcn_offset.weight" in result.output
     assert "head.scales.4.scale" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 

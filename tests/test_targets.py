@@ -12,7 +12,7 @@ from crosskd_cli.targets import (
     aligned_box_iou,
     atss_assign,
     bbox_to_distance,
-    build_gfl_targets,
+    build_targets,
     distance_to_bbox,
     flatten_levels,
     integral,
@@ -138,7 +138,7 @@ def test_gfl_targets_copy_box_and_label_and_count_at_least_one_positive_per_imag
     matched = torch.tensor([[NEGATIVE, 1, 0, OUT_OF_IMAGE], [NEGATIVE] * 3 + [OUT_OF_IMAGE]])
     gt_boxes = torch.tensor([[[0.0, 0, 10, 10], [5, 5, 20, 20]], [[0.0] * 4] * 2])
     gt_labels = torch.tensor([[3, 1], [0, 0]])
-    targets = build_gfl_targets(matched, gt_boxes, gt_labels, num_classes=5)
+    targets = build_targets(matched, gt_boxes, gt_labels, num_classes=5)
     assert targets.labels.tolist() == [[5, 1, 3, 5], [5, 5, 5, 5]]
     assert targets.bbox_targets[0].tolist() == [[0] * 4, [5, 5, 20, 20], [0, 0, 10, 10], [0] * 4]
     assert targets.label_weights.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
@@ -149,9 +149,9 @@ def test_gfl_targets_copy_box_and_label_and_count_at_least_one_positive_per_imag
 def test_num_pos_goes_through_the_cross_process_mean_and_stays_at_least_one():
     matched = torch.tensor([[0, NEGATIVE]])
     gt_boxes, gt_labels = torch.tensor([[[0.0, 0, 4, 4]]]), torch.tensor([[2]])
-    quartered = build_gfl_targets(matched, gt_boxes, gt_labels, 3, reduce_mean=lambda t: t / 4)
+    quartered = build_targets(matched, gt_boxes, gt_labels, 3, reduce_mean=lambda t: t / 4)
     assert quartered.num_pos.item() == 1.0  # 1 / 4 clamped up to 1
-    doubled = build_gfl_targets(matched, gt_boxes, gt_labels, 3, reduce_mean=lambda t: t * 2)
+    doubled = build_targets(matched, gt_boxes, gt_labels, 3, reduce_mean=lambda t: t * 2)
     assert doubled.num_pos.item() == 2.0
 
 

@@ -1,7 +1,7 @@
 """The dense-head contract: two towers of named conv blocks, their taps, and partial forwards.
 
-Every head family (GFL now; RetinaNet, ATSS, FCOS later) subclasses `DenseHead` and only adds
-its predictors in `predict`. The cross-head forward of the distiller is then generic:
+Every head family (GFL, RetinaNet, ATSS, FCOS) subclasses `DenseHead` and only adds its
+predictors in `predict`. The cross-head forward of the distiller is then generic:
 
     student_out = student.head(student_features, tap_index=i)  # taps of block i, per level
     cls_in = [relu(align(t)) if i > 0 else align(t) for t in student_out.cls_taps]  # reg alike
@@ -97,8 +97,13 @@ class DenseHead(nn.Module, ABC):
         return self.feat_channels if self.stacked_convs > 0 else self.in_channels
 
     @abstractmethod
-    def predict(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
-        """Predictors on the towers' final outputs of one level -> (cls_logits, box_preds)."""
+    def predict(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Predictors on the towers' final outputs of one level.
+
+        -> (cls_logits, box_preds, centerness logits or None for heads without one).
+        """
 
     def check_index(self, index: int, name: str = "tap index") -> None:
         """Refuse an index outside 0..stacked_convs, naming the valid range."""
@@ -171,9 +176,11 @@ class DenseHead(nn.Module, ABC):
         return out
 
     def _append(self, out: HeadOutput, level: int, cls_feat: Tensor, reg_feat: Tensor) -> None:
-        cls_logits, box_preds = self.predict(cls_feat, reg_feat, level)
+        cls_logits, box_preds, centerness = self.predict(cls_feat, reg_feat, level)
         out.cls_logits.append(cls_logits)
         out.box_preds.append(box_preds)
+        if centerness is not None:
+            out.centerness.append(centerness)
 
     def _check_levels(self, given: int) -> None:
         if given != self.num_levels:

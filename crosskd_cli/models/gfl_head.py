@@ -40,10 +40,12 @@ class GFLHead(DenseHead):
         nn.init.normal_(self.gfl_reg.weight, std=0.01)
         nn.init.zeros_(self.gfl_reg.bias)
 
-    def predict(self, cls_feat: Tensor, reg_feat: Tensor, level: int) -> tuple[Tensor, Tensor]:
+    def predict(
+        self, cls_feat: Tensor, reg_feat: Tensor, level: int
+    ) -> tuple[Tensor, Tensor, None]:
         """Tower outputs (B, C, H, W) -> cls (B, num_classes, H, W), box (B, 4*(reg_max+1), H, W).
 
         The box logits are multiplied by the level's Scale (MMDetection applies it before the
         distribution's softmax, so imported weights reproduce the original predictions).
         """
-        return self.gfl_cls(cls_feat), self.scales[level](self.gfl_reg(reg_feat))
+        return self.gfl_cls(cls_feat), self.scales[level](self.gfl_reg(reg_feat)), None

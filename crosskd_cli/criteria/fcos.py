@@ -1,0 +1,85 @@
+"""FCOS: point assignment by regress range, focal + -ln IoU + centerness losses, FCOS's KD."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from crosskd_cli.config import DistillConfig
+from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
+from crosskd_cli.losses import focal_loss, iou_loss
+from crosskd_cli.targets import (
+    DenseTargets,
+    bbox_to_distance,
+    build_targets,
+    centerness_target,
+    distance_to_bbox,
+    fcos_assign,
+)
+
+
+class FCOSCriterion(DenseCriterion):
+    """MMDetection's FCOSHead losses (no centre sampling, distances in pixels).
+
+    Focal over every point / num_pos; -ln IoU on decoded positives weighted by their centerness
+    targets / the sum of those targets; centerness BCE / num_pos; both counts averaged across
+    processes. KD (METHOD.md §3, the authors' FCOS override): cls KD and -ln IoU box KD, both
+    divided by the centerness-target sum, nothing masked.
+    """
+
+    LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
+
+    def build_targets(
+        self,
+        flat: FlatOutputs,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_mask: Tensor,
+        reduce_mean: ReduceMean,
+    ) -> DenseTargets:
+        matched = fcos_assign(flat.anchors, gt_boxes, gt_mask)
+        targets = build_targets(
+            matched, gt_boxes, gt_labels, self.num_classes, reduce_mean, min_one_per_image=False
+        )
+        points = flat.anchors.centers
+        distances = bbox_to_distance(points, targets.bbox_targets).clamp(min=NORM_EPS)
+        targets.centerness = centerness_target(distances) * targets.pos_mask
+        return targets
+
+    def centerness_norm(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
+        """The sum of centerness targets, averaged across processes, at least 1e-6."""
+        return reduce_mean(targets.centerness.sum()).clamp(min=NORM_EPS)
+
+    def decode(self, flat: FlatOutputs) -> Tensor:
+        return distance_to_bbox(flat.anchors.centers, flat.box)
+
+    def gt_losses(
+        self, flat: FlatOutputs, targets: DenseTargets, reduce_mean: ReduceMean
+    ) -> dict[str, Tensor]:
+        pos, centerness = targets.pos_mask, targets.centerness
+        loss_cls = focal_loss(flat.cls, targets.labels, targets.label_weights)
+        # Off positives the target is a zero box: IoU 0, -ln clamps it, and the weight is 0
+        iou = iou_loss(self.decode(flat), targets.bbox_targets, centerness, "sum")
+        bce = F.binary_cross_entropy_with_logits(flat.centerness, centerness, reduction="none")
+        w = self.loss_weights
+        return {
+            "loss_cls": w["loss_cls"] * loss_cls / targets.num_pos,
+            "loss_bbox": w["loss_bbox"] * iou / self.centerness_norm(targets, reduce_mean),
+            "loss_centerness": w["loss_centerness"] * (bce * pos).sum() / targets.num_pos,
+        }
+
+    def kd_normalizer(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
+        return self.centerness_norm(targets, reduce_mean)
+
+    def box_kd(
+        self,
+        pred: FlatOutputs,
+        teacher: FlatOutputs,
+        region: Tensor,
+        targets: DenseTargets,
+        cfg: DistillConfig,
+        reduce_mean: ReduceMean,
+    ) -> Tensor:
+        teacher_boxes = self.decode(teacher).detach()
+        total = iou_loss(self.decode(pred), teacher_boxes, region, "sum")
+        return total / self.centerness_norm(targets, reduce_mean)
