@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int = 12  # training length in epochs, unless max_iters is set
     max_iters: int | None = None  # train for exactly this many iterations instead of epochs
     batch_size: int = 2  # images per process
+    optimizer: str = "sgd"  # sgd (with momentum) or adamw (MMDetection's Swin configs)
     lr: float = 0.01  # learning rate for a total batch of base_batch_size
     base_batch_size: int = 16  # lr scales linearly with total batch / this
     momentum: float = 0.9

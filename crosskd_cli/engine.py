@@ -154,8 +154,11 @@ def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD over the trainable parameters; biases of convs and linears (not norms) get
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over the trainable parameters; biases of convs and linears (not norms) get
     `bias_lr_factor` x lr and `bias_decay_factor` x weight decay, as MMDetection's
     `paramwise_cfg` (bias_lr_mult / bias_decay_mult) does for FCOS."""
     biases = {
@@ -176,6 +179,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         )
     else:
         groups[0]["params"] += special
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise PresetError(
+            f"train.optimizer '{cfg.optimizer}' is not known.",
+            hint=f"Use one of: {', '.join(OPTIMIZERS)} (e.g. --set train.optimizer=sgd).",
+        )
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -27,28 +27,79 @@ def test_every_shipped_preset_loads_into_typed_dataclasses():
             assert load_preset(preset.teacher.preset).model.family == preset.model.family
 
 
-PAPER_GFL_PAIRS = {
-    # preset: (teacher backbone, student backbone, method, the paper's CrossKD AP key)
-    "gfl-r101-to-r50": ("resnet101", "resnet50", "crosskd", "crosskd_coco_val_ap"),
-    "gfl-r101-to-r50-pkd": ("resnet101", "resnet50", "crosskd+pkd", "crosskd_pkd_coco_val_ap"),
-    "gfl-r50-to-r18": ("resnet50", "resnet18", "crosskd", "crosskd_coco_val_ap"),
-    "gfl-r101-to-r18": ("resnet101", "resnet18", "crosskd", "crosskd_coco_val_ap"),
-    "gfl-r101-to-r34": ("resnet101", "resnet34", "crosskd", "crosskd_coco_val_ap"),
-}
+# METHOD.md §5, one row per pair preset:
+# preset: (teacher backbone, student backbone, method, cross index, the paper's AP key, AP)
+PAPER_PAIRS = {
+    "gfl-r101-to-r50": ("resnet101", "resnet50", "crosskd", 3, "crosskd_coco_val_ap", 43.7),
+    "gfl-r101-to-r50-pkd": (
+        "resnet101", "resnet50", "crosskd+pkd", 3, "crosskd_pkd_coco_val_ap", 43.9
+    ),
+    "gfl-r50-to-r18": ("resnet50", "resnet18", "crosskd", 3, "crosskd_coco_val_ap", 38.7),
+    "gfl-r101-to-r18": ("resnet101", "resnet18", "crosskd", 3, "crosskd_coco_val_ap", 39.2),
+    "gfl-r101-to-r34": ("resnet101", "resnet34", "crosskd", 3, "crosskd_coco_val_ap", 42.4),
+    "retinanet-r101-to-r50": ("resnet101", "resnet50", "crosskd", 3, "crosskd_coco_val_ap", 39.7),
+    "retinanet-r101-to-r50-pkd": (
+        "resnet101", "resnet50", "crosskd+pkd", 3, "crosskd_pkd_coco_val_ap", 39.8
+    ),
+    "retinanet-r50-to-r18": ("resnet50", "resnet18", "crosskd", 3, "crosskd_coco_val_ap", 36.7),
+    "fcos-r101-to-r50": (
+        "resnet101_caffe", "resnet50_caffe", "crosskd", 2, "crosskd_coco_val_ap", 41.3
+    ),
+    "fcos-r101-to-r50-pkd": (
+        "resnet101_caffe", "resnet50_caffe", "crosskd+pkd", 2, "crosskd_pkd_coco_val_ap", 41.3
+    ),
+    "atss-r101-to-r50": ("resnet101", "resnet50", "crosskd", 3, "crosskd_coco_val_ap", 41.8),
+    "atss-r101-to-r50-pkd": (
+        "resnet101", "resnet50", "crosskd+pkd", 3, "crosskd_pkd_coco_val_ap", 41.8
+    ),
+    "retinanet-swint-to-r50": ("swin_t", "resnet50", "crosskd", 3, "crosskd_coco_val_ap", 38.0),
+    "retinanet-r50-to-mbv2": (
+        "resnet50", "mobilenet_v2", "crosskd", 3, "crosskd_coco_val_ap", 34.1
+    ),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_GFL_PAIRS))
-def test_every_paper_gfl_pair_is_compatible_at_index_3_with_its_reference(name):
+@pytest.mark.parametrize("name", sorted(PAPER_PAIRS))
+def test_every_paper_pair_is_compatible_at_its_index_with_its_reference(name):
     from crosskd_cli.pairing import pair_problems
 
-    teacher_backbone, student_backbone, method, reference_key = PAPER_GFL_PAIRS[name]
+    teacher_backbone, student_backbone, method, index, key, ap = PAPER_PAIRS[name]
     pair = load_preset(name)
     teacher = load_preset(pair.teacher.preset)
     assert (teacher.model.backbone, pair.model.backbone) == (teacher_backbone, student_backbone)
-    assert (pair.distill.method, pair.distill.cross_index) == (method, 3)
-    assert pair_problems(teacher.model, pair.model, 3) == []
-    assert pair.reference[reference_key] > pair.reference.get("student_coco_val_ap", 0)
+    assert (pair.distill.method, pair.distill.cross_index) == (method, index)
+    assert pair_problems(teacher.model, pair.model, index) == []
+    assert pair.reference[key] == ap
+    assert pair.reference[key] > pair.reference.get("student_coco_val_ap", 0)  # R34: none
+    assert pair.reference["teacher_coco_val_ap"] == teacher.reference["coco_val_ap"]
     assert "not a crosskd result" in pair.reference["source"]
+    # teacher and student normalise the same way (caffe-style FCOS included)
+    assert (teacher.model.pixel_mean, teacher.model.to_bgr) == (
+        pair.model.pixel_mean,
+        pair.model.to_bgr,
+    )
+
+
+def test_every_family_ships_a_cpu_quickstart_pair():
+    for family in ("gfl", "retinanet", "atss", "fcos"):
+        pair = load_preset(f"shapes-{family}-r34-to-r18")
+        assert pair.model.family == family and pair.data.source == "builtin:shapes"
+        assert load_preset(pair.teacher.preset).model.family == family
+
+
+def test_fcos_presets_use_caffe_input_multi_scale_and_fcos_schedule():
+    for name in ("fcos-r50-caffe-ms-2x", "fcos-r101-caffe-ms-2x", "fcos-r101-to-r50"):
+        preset = load_preset(name)
+        model, train = preset.model, preset.train
+        assert model.to_bgr and model.pixel_std == (1.0, 1.0, 1.0)
+        assert model.pixel_mean == (102.9801, 115.9465, 122.7717)
+        assert model.relu_before_extra_convs and preset.data.train_short_sides == (640, 800)
+        assert (train.warmup, train.bias_lr_factor, train.bias_decay_factor) == (
+            "constant",
+            2.0,
+            0.0,
+        )
+        assert train.grad_clip == 35.0
 
 
 def test_the_papers_gfl_teacher_trains_multi_scale_and_tests_at_one_scale():
