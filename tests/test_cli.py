@@ -86,6 +86,28 @@ def test_inspect_json_reports_shapes_reused_layers_and_compatibility():
     assert "cls_tower.2.conv" not in reused
 
 
+@pytest.mark.parametrize(
+    ("pair", "index", "predictors"),
+    [
+        ("retinanet-r101-to-r50", 3, {"retina_cls", "retina_reg"}),
+        ("atss-r101-to-r50", 3, {"atss_cls", "atss_reg", "atss_centerness", "scales.0"}),
+        ("fcos-r101-to-r50", 2, {"conv_cls", "conv_reg", "conv_centerness", "scales.0"}),
+        ("retinanet-swint-to-r50", 3, {"retina_cls", "retina_reg"}),
+        ("retinanet-r50-to-mbv2", 3, {"retina_cls", "retina_reg"}),
+    ],
+)
+def test_inspect_shows_every_family_and_backbone_pair(pair, index, predictors):
+    report = json.loads(invoke("inspect", "--preset", pair, "--format", "json").output)
+    assert report["compatible"] is True and report["cross_index"] == index
+    reused = set(report["reused_teacher_layers"])
+    assert predictors <= reused
+    assert f"cls_tower.{index}.conv" in reused and f"cls_tower.{index - 1}.conv" not in reused
+    anchors = 9 if pair.startswith("retinanet") else 1
+    assert report["teacher"]["fpn_levels"][0] == [256, 100, 168]
+    cls_rows = [r for r in report["teacher"]["layers"] if r["name"].endswith("_cls")]
+    assert cls_rows[0]["shapes"][0][0] == anchors * 80
+
+
 def test_inspect_shows_the_adapter_a_narrower_student_head_needs():
     narrow = ["inspect", "--set", "model.head_channels=128", "--format", "json"]
     refused = json.loads(invoke(*narrow).output)
@@ -259,3 +281,39 @@ def test_distill_refuses_a_teacher_with_another_class_list(teacher_run):
     assert "cannot be paired: tap widths at index 3 differ: teacher 64, student 32" in (
         result.output.replace("\n", " ")
     )
+
+
+@pytest.mark.parametrize("family", ["retinanet", "atss", "fcos"])
+def test_every_family_trains_distills_and_evaluates_end_to_end(family, tmp_path):
+    """The same commands as for GFL: a teacher run, a CrossKD run from it with the family's
+    KD terms logged, and `crosskd eval` reproducing the student's recorded AP."""
+    teacher = tmp_path / "teacher"
+    small = ["--set", "model.backbone=resnet18"]
+    result = invoke(
+        "teacher", "--preset", f"shapes-{family}-r34", *TINY, *small, "--out", str(teacher)
+    )
+    assert result.exit_code == 0, result.output
+    student = tmp_path / "student"
+    result = invoke(
+        "distill", "--preset", f"shapes-{family}-r34-to-r18", *TINY,
+        "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = read_meta(student / "best.safetensors")
+    assert meta.model.family == family and meta.training["cross_index"] == (
+        2 if family == "fcos" else 3
+    )
+    header = (student / "results.csv").read_text().splitlines()[0]
+    assert "kd_cross_cls" in header and "kd_cross_box" in header
+    assert ("kd_cross_centerness" in header) == (family == "atss")
+    config = (student / "config.yaml").read_text()
+    weights = {
+        "retinanet": "box_weight: 1.0",
+        "atss": "box_weight: 1.0",
+        "fcos": "box_weight: 0.75",
+    }
+    assert weights[family] in config  # the family's KD weights, resolved and recorded
+    result = invoke("eval", str(student / "best.safetensors"), "--out", str(tmp_path / "eval"))
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert measured["AP"] == meta.metrics["AP"]

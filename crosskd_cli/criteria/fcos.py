@@ -24,7 +24,7 @@ class FCOSCriterion(DenseCriterion):
     Focal over every point / num_pos; -ln IoU on decoded positives weighted by their centerness
     targets / the sum of those targets; centerness BCE / num_pos; both counts averaged across
     processes. KD (METHOD.md §3, the authors' FCOS override): cls KD and -ln IoU box KD, both
-    divided by the centerness-target sum, nothing masked.
+    divided by the centerness-target sum (floored at 1), nothing masked.
     """
 
     LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
@@ -69,7 +69,10 @@ class FCOSCriterion(DenseCriterion):
         }
 
     def kd_normalizer(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
-        return self.centerness_norm(targets, reduce_mean)
+        """The centerness-target sum, floored at 1 (not 1e-6 as for the GT box loss): the KD
+        sums are not centerness-weighted, so a batch without positives would multiply them
+        by a million."""
+        return self.centerness_norm(targets, reduce_mean).clamp(min=1.0)
 
     def box_kd(
         self,
@@ -82,4 +85,4 @@ class FCOSCriterion(DenseCriterion):
     ) -> Tensor:
         teacher_boxes = self.decode(teacher).detach()
         total = iou_loss(self.decode(pred), teacher_boxes, region, "sum")
-        return total / self.centerness_norm(targets, reduce_mean)
+        return total / self.kd_normalizer(targets, reduce_mean)
