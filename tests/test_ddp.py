@@ -56,3 +56,23 @@ def test_teacher_and_distill_run_as_two_gloo_processes(tmp_path):
     assert state.keys() == teacher_state.keys()  # a plain student: no DDP "module." prefix
     iterations = json.loads((student / "last" / "trainer_state.json").read_text())["iteration"]
     assert iterations == 3
+
+
+def test_fcos_distills_as_two_gloo_processes(tmp_path):
+    """FCOS averages its positives and centerness-target sums across processes (ATSS and
+    GFL share the path): a two-process CrossKD run must get through the all-reduces."""
+    teacher = tmp_path / "teacher"
+    code, output = torchrun(
+        tmp_path / "t.log", "teacher", "--preset", "shapes-fcos-r34", *TINY,
+        "--set", "model.backbone=resnet18", "--out", str(teacher),
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    student = tmp_path / "student"
+    code, output = torchrun(
+        tmp_path / "s.log", "distill", "--preset", "shapes-fcos-r34-to-r18", *TINY,
+        "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    meta = read_meta(student / "best.safetensors")
+    assert meta.training["processes"] == 2 and meta.model.family == "fcos"
+    assert "kd_cross_box" in (student / "results.csv").read_text().splitlines()[0]
