@@ -31,6 +31,9 @@ class ModelSpec:
     relu_before_extra_convs: bool = False  # FCOS: ReLU between the FPN's extra convs
     frozen_stages: int = 1  # stem+layer1 frozen, applied only with pretrained backbone weights
     norm_eval: bool = True  # BN statistics frozen, applied only with pretrained backbone weights
+    # False: BN weight and bias frozen too (MMDetection's caffe configs, BN requires_grad=False);
+    # applied only with pretrained backbone weights
+    norm_affine_trainable: bool = True
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # in the channel order below
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     to_bgr: bool = False  # caffe-style backbones read BGR

@@ -75,8 +75,8 @@ class ResNetBackbone(Backbone):
     through them and their BN statistics never move (MMDetection's `frozen_stages`).
     norm_eval: every BatchNorm stays in eval mode during training (statistics frozen, affine
     parameters still trainable), as for fine-tuning an ImageNet backbone with small batches.
-    MMDetection's caffe configs also set BN `requires_grad=False` (affine frozen too); that
-    has no switch here.
+    MMDetection's caffe configs also set BN `requires_grad=False` (affine frozen too): the
+    model spec's `norm_affine_trainable: false` does that in `build_detector`.
     """
 
     torchvision_ignored = ("fc.",)

@@ -128,9 +128,9 @@ def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) 
     """Build the detector `spec` describes, with randomly initialised weights.
 
     backbone_weights: a local torchvision state dict of the spec's backbone (ResNet,
-    MobileNetV2, Swin-T). Only then are `spec.frozen_stages`
-    and `spec.norm_eval` applied: a backbone trained from scratch must train every stage and
-    its BN statistics. Works under `with torch.device("meta"):` for shape inspection.
+    MobileNetV2, Swin-T). Only then are `spec.frozen_stages`, `spec.norm_eval` and
+    `spec.norm_affine_trainable` applied: a backbone trained from scratch must train every
+    stage and its BN. Works under `with torch.device("meta"):` for shape inspection.
     """
     check_spec(spec)
     make_backbone = lookup(BACKBONES, spec.backbone, "backbone")
@@ -142,6 +142,10 @@ def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) 
     )
     if pretrained:
         load_torchvision_weights(backbone, backbone_weights)
+        if not spec.norm_affine_trainable:  # MMDetection's BN requires_grad=False
+            for module in backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.requires_grad_(False)
     neck = FPN(
         backbone.out_channels,
         spec.fpn_channels,
