@@ -38,8 +38,8 @@ def distill(
         typer.Option(
             "--cross-index",
             "-i",
-            help="Student tap fed to the teacher head "
-            "(0..stacked_convs; 0 = FPN feature). Default: the preset's (3 for GFL).",
+            help="Student tap fed to the teacher head (0..stacked_convs; 0 = FPN feature). "
+            "Default: the preset's (the paper's 3; 2 for FCOS).",
         ),
     ] = None,
     teacher: Annotated[

@@ -119,10 +119,11 @@ def import_weights(
         ),
     ] = False,
 ) -> None:
-    """Convert an MMDetection checkpoint (GFL) into a crosskd teacher (.safetensors).
+    """Convert an MMDetection checkpoint (GFL, RetinaNet, ATSS, FCOS) into a crosskd teacher.
 
     The file is read without running pickled code: only tensors and plain containers are
     built. Every key that does not map, is missing or has another shape is listed by name.
+    Pick the preset of the file's architecture (crosskd inspect --list-presets).
 
     Example: crosskd teacher import gfl_r101_fpn_ms2x.pth --preset gfl-r101 --data /coco
     """
