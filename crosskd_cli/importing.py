@@ -40,6 +40,10 @@ KEY_RULES = [
     (r"bbox_head\.scales\.(\d+)\.scale", r"head.scales.\1.scale"),
 ]
 BACKBONE_PREFIX = "backbone."
+# Backbone tensors MMDetection saves but its detector never runs: MobileNetV2's 1280-channel
+# `conv2` is built whatever out_indices says and used only when 7 is among them (a classifier
+# feature); the detector reads layers 3, 5 and 7. Dropped, and the import says so.
+UNUSED_BACKBONE_KEYS = {"mobilenet_v2": re.compile(r"conv2\..+")}
 # Buffers MMDetection saves that crosskd computes instead; each is checked, then dropped.
 DERIVED = {"bbox_head.integral.project"}  # GFL's 0..reg_max projection vector
 
@@ -71,6 +75,7 @@ class ImportReport:
     missing: list[str] = field(default_factory=list)  # model keys the file does not fill
     misshapen: list[str] = field(default_factory=list)  # "key: file (..) vs model (..)"
     refused_metadata: list[str] = field(default_factory=list)  # classes skipped outside weights
+    unused: list[str] = field(default_factory=list)  # file keys the detector never runs
 
     @property
     def problems(self) -> list[tuple[str, list[str]]]:
@@ -143,9 +148,10 @@ def class_names_in(meta: dict[str, Any]) -> list[str] | None:
 
 def rename_keys(
     state: dict[str, Tensor], backbone: str, reg_max: int
-) -> tuple[list[tuple[str, str | None, Tensor]], list[str]]:
-    """[(file key, crosskd key or None, tensor)] for every tensor, backbone included, and the
-    backbone keys no rule maps (MMDetection names them; crosskd has no such layer)."""
+) -> tuple[list[tuple[str, str | None, Tensor]], list[str], list[str]]:
+    """[(file key, crosskd key or None, tensor)] for every tensor, backbone included; the
+    backbone keys no rule maps (MMDetection names them; crosskd has no such layer); and the
+    backbone keys MMDetection's detector never runs (UNUSED_BACKBONE_KEYS), dropped."""
     renamed: list[tuple[str, str | None, Tensor]] = []
     backbone_state = {}
     for key, value in state.items():
@@ -157,7 +163,10 @@ def rename_keys(
             renamed.append((key, map_key(key), value))
     converted, unmapped = convert_mmdet_backbone(backbone, backbone_state)
     renamed += [(BACKBONE_PREFIX + k, BACKBONE_PREFIX + k, v) for k, v in converted.items()]
-    return renamed, [BACKBONE_PREFIX + k for k in unmapped]
+    unused_rule = UNUSED_BACKBONE_KEYS.get(backbone)
+    unused = [k for k in unmapped if unused_rule is not None and unused_rule.fullmatch(k)]
+    unmapped = [k for k in unmapped if k not in unused]
+    return renamed, [BACKBONE_PREFIX + k for k in unmapped], [BACKBONE_PREFIX + k for k in unused]
 
 
 def convert_state(
@@ -168,7 +177,7 @@ def convert_state(
     expected = model.state_dict()
     converted: dict[str, Tensor] = {}
     covered: set[str] = set()  # model keys the file names, whatever their shape
-    renamed, report.unmapped = rename_keys(state, backbone, reg_max)
+    renamed, report.unmapped, report.unused = rename_keys(state, backbone, reg_max)
     for key, name, value in renamed:
         if name is None:
             report.unmapped.append(key)

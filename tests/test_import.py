@@ -260,3 +260,42 @@ def test_a_file_that_is_one_malicious_pickle_is_refused_without_running_it(tmp_p
     assert result.exit_code == 2
     assert "cannot be read as a PyTorch checkpoint" in result.output
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "swin_t"])
+def test_mmdetection_mobilenet_and_swin_backbones_import_through_their_converters(
+    backbone, tmp_path
+):
+    """A RetinaNet file whose backbone carries MMDetection's own MobileNetV2 / Swin-T names
+    (not torchvision's) imports completely, every backbone tensor converted."""
+    from crosskd_cli.backbone_import import convert_mmdet_backbone
+    from tests.test_backbones import mmdet_mobilenet_v2_state, mmdet_swin_state
+
+    model_cfg = {**TINY, **FAMILIES["retinanet"], "backbone": backbone}
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps({"model": model_cfg, "data": {"scale": [96, 96]}}))
+    spec_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()}
+    model = build_detector(ModelSpec(**spec_fields))
+    if backbone == "swin_t":
+        mmdet_backbone = mmdet_swin_state(96, (2, 2, 6, 2), (3, 6, 12, 24))
+    else:
+        mmdet_backbone = mmdet_mobilenet_v2_state()
+    mmdet_backbone = {
+        k: v.float() if v.is_floating_point() else v for k, v in mmdet_backbone.items()
+    }
+    state = {k: v for k, v in mmdetection_layout(model).items() if not k.startswith("backbone.")}
+    state.update({f"backbone.{k}": v for k, v in mmdet_backbone.items()})
+    path = tmp_path / f"retinanet_{backbone}.pth"
+    torch.save({"meta": {"CLASSES": COCO_CLASSES}, "state_dict": state}, path)
+
+    result = run_import(path, "--preset", preset, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 0, result.output
+    if backbone == "mobilenet_v2":  # MMDetection always builds (and saves) the unused conv2
+        expected = "Not imported (6 tensors MMDetection stores but its detector never runs): "
+        assert expected + "backbone.conv2.conv.weight" in result.output.replace("\n", "")
+    imported, _ = load_checkpoint(tmp_path / "t.safetensors")
+    converted, _ = convert_mmdet_backbone(backbone, mmdet_backbone)
+    for key, value in converted.items():
+        assert torch.equal(imported[f"backbone.{key}"], value.to(imported[f"backbone.{key}"].dtype))
+    backbone_keys = {k for k in imported if k.startswith("backbone.")}
+    assert backbone_keys == {f"backbone.{k}" for k in converted}

@@ -142,6 +142,12 @@ def import_weights(
         raise
     if report.problems:
         console.print(_problem_table(report))
+    if report.unused:
+        shown = ", ".join(report.unused[:3]) + (", ..." if len(report.unused) > 3 else "")
+        console.print(
+            f"[dim]Not imported ({len(report.unused)} tensors MMDetection stores but its "
+            f"detector never runs): {shown}.[/]"
+        )
     if report.refused_metadata:
         console.print(
             "[dim]Not unpickled (training metadata, not weights): "
