@@ -165,6 +165,12 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Keys MMDetection saves but its detector never runs, per backbone: MobileNetV2's 1280-channel
+# `conv2` is built whatever out_indices says and used only when 7 is among them (a classifier
+# feature); the detector reads layers 3, 5 and 7. The importer drops them and says so.
+UNUSED_KEYS: dict[str, re.Pattern[str]] = {"mobilenet_v2": re.compile(r"conv2\..+")}
+
+
 def convert_mmdet_backbone(
     backbone_name: str, state: dict[str, Tensor]
 ) -> tuple[dict[str, Tensor], list[str]]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from crosskd_cli import __version__
-from crosskd_cli.backbone_import import convert_mmdet_backbone
+from crosskd_cli.backbone_import import UNUSED_KEYS, convert_mmdet_backbone
 from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
 from crosskd_cli.config import Preset
 from crosskd_cli.data import CocoDetection, DataSource
@@ -40,10 +40,6 @@ KEY_RULES = [
     (r"bbox_head\.scales\.(\d+)\.scale", r"head.scales.\1.scale"),
 ]
 BACKBONE_PREFIX = "backbone."
-# Backbone tensors MMDetection saves but its detector never runs: MobileNetV2's 1280-channel
-# `conv2` is built whatever out_indices says and used only when 7 is among them (a classifier
-# feature); the detector reads layers 3, 5 and 7. Dropped, and the import says so.
-UNUSED_BACKBONE_KEYS = {"mobilenet_v2": re.compile(r"conv2\..+")}
 # Buffers MMDetection saves that crosskd computes instead; each is checked, then dropped.
 DERIVED = {"bbox_head.integral.project"}  # GFL's 0..reg_max projection vector
 
@@ -151,7 +147,7 @@ def rename_keys(
 ) -> tuple[list[tuple[str, str | None, Tensor]], list[str], list[str]]:
     """[(file key, crosskd key or None, tensor)] for every tensor, backbone included; the
     backbone keys no rule maps (MMDetection names them; crosskd has no such layer); and the
-    backbone keys MMDetection's detector never runs (UNUSED_BACKBONE_KEYS), dropped."""
+    backbone keys MMDetection's detector never runs (backbone_import.UNUSED_KEYS), dropped."""
     renamed: list[tuple[str, str | None, Tensor]] = []
     backbone_state = {}
     for key, value in state.items():
@@ -163,7 +159,7 @@ def rename_keys(
             renamed.append((key, map_key(key), value))
     converted, unmapped = convert_mmdet_backbone(backbone, backbone_state)
     renamed += [(BACKBONE_PREFIX + k, BACKBONE_PREFIX + k, v) for k, v in converted.items()]
-    unused_rule = UNUSED_BACKBONE_KEYS.get(backbone)
+    unused_rule = UNUSED_KEYS.get(backbone)
     unused = [k for k in unmapped if unused_rule is not None and unused_rule.fullmatch(k)]
     unmapped = [k for k in unmapped if k not in unused]
     return renamed, [BACKBONE_PREFIX + k for k in unmapped], [BACKBONE_PREFIX + k for k in unused]

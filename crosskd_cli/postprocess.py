@@ -19,7 +19,7 @@ from torchvision.ops import batched_nms
 
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Detections, HeadOutput
-from crosskd_cli.targets import AnchorGrid, decode_boxes
+from crosskd_cli.targets import AnchorGrid, decode_boxes, flatten_levels
 
 SCORE_THR = 0.05
 NMS_IOU = {"gfl": 0.6, "atss": 0.6, "retinanet": 0.5, "fcos": 0.5}
@@ -30,12 +30,6 @@ MAX_PER_IMAGE = 100
 @lru_cache(maxsize=8)
 def _prior_grid(spec: ModelSpec) -> AnchorGrid:
     return AnchorGrid.from_spec(spec)
-
-
-def _per_prior(x: Tensor, per_location: int) -> Tensor:
-    """(B, K * C, H, W) -> (B, H * W * K, C), the priors' order."""
-    batch = x.shape[0]
-    return x.permute(0, 2, 3, 1).reshape(batch, -1, x.shape[1] // per_location)
 
 
 def _level_candidates(
@@ -53,11 +47,11 @@ def _level_candidates(
     priors (N, 4) of this level; max_shape (B, 1, 2) as (h, w) -> class scores (B, k) (the
     threshold's), final scores (B, k), labels (B, k), boxes (B, k, 4) xyxy.
     """
-    per_location = len(priors) // (cls_logits.shape[-2] * cls_logits.shape[-1])
-    scores = _per_prior(cls_logits, per_location).flatten(1).float().sigmoid()  # (B, N*C)
+    per_location = spec.anchors_per_location
+    scores = flatten_levels([cls_logits], per_location).flatten(1).float().sigmoid()  # (B, N*C)
     scores, index = scores.topk(min(k, scores.shape[1]), dim=1)  # sorted, highest first
     prior, labels = index // spec.num_classes, index % spec.num_classes
-    box = _per_prior(box_preds, per_location)  # (B, N, K)
+    box = flatten_levels([box_preds], per_location)  # (B, N, K)
     box = box.gather(1, prior[..., None].expand(-1, -1, box.shape[-1]))
     with torch.autocast(box.device.type, enabled=False):  # fp32 decode even under autocast
         strides = torch.full(prior.shape, float(stride), device=box.device)
@@ -66,7 +60,7 @@ def _level_candidates(
         )
     final = scores
     if centerness is not None:
-        factor = _per_prior(centerness, per_location).squeeze(-1).float().sigmoid()
+        factor = flatten_levels([centerness], per_location).squeeze(-1).float().sigmoid()
         final = scores * factor.gather(1, prior)
     return scores, final, labels, boxes
 

@@ -183,13 +183,10 @@ def flatten_levels(per_level: Sequence[Tensor], per_location: int = 1) -> Tensor
     K = per_location priors (RetinaNet's 9 anchors), each with C channels. Done once per step
     and shared by the GT losses and the KD losses.
     """
-    return torch.cat(
-        [
-            x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1] // per_location)
-            for x in per_level
-        ],
-        dim=1,
-    )
+    parts = [
+        x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1] // per_location) for x in per_level
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def pad_targets(targets: Sequence[Target], device: torch.device | str) -> tuple[Tensor, ...]:
@@ -202,6 +199,13 @@ def pad_targets(targets: Sequence[Target], device: torch.device | str) -> tuple[
     counts = torch.tensor([len(t.labels) for t in targets], device=device)
     mask = torch.arange(boxes.shape[1], device=device) < counts[:, None]
     return boxes.to(device, torch.float32), labels.to(device, torch.int64), mask
+
+
+def batched_iou(anchors: AnchorSet, gt_boxes: Tensor) -> Tensor:
+    """(B, A, G) IoU of every prior with every image's (padded) ground-truth boxes (B, G, 4)."""
+    batch, num_gt = gt_boxes.shape[:2]
+    iou = box_iou(anchors.boxes, gt_boxes.reshape(-1, 4)).view(-1, batch, num_gt)
+    return iou.permute(1, 0, 2)
 
 
 @torch.no_grad()
@@ -233,10 +237,8 @@ def atss_assign(
 def _atss_match(
     anchors: AnchorSet, valid: Tensor, gt_boxes: Tensor, gt_mask: Tensor, topk: int
 ) -> Tensor:
-    batch, num_gt = gt_boxes.shape[:2]
-    num_anchors = anchors.boxes.shape[0]
-    iou = box_iou(anchors.boxes, gt_boxes.reshape(-1, 4)).view(num_anchors, batch, num_gt)
-    iou = iou.permute(1, 0, 2)  # (B, A, G)
+    num_gt = gt_boxes.shape[1]
+    iou = batched_iou(anchors, gt_boxes)
     anchor_xy = anchors.centers
     gt_xy = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
     distance = (anchor_xy[None, :, None, :] - gt_xy[:, None, :, :]).pow(2).sum(-1).sqrt()
@@ -292,6 +294,7 @@ class DenseTargets:
     matched_idxs: Tensor
     num_pos: Tensor
     centerness: Tensor | None = None  # (B, A) ATSS/FCOS centerness targets, 0 off positives
+    centerness_sum: Tensor | None = None  # their sum, averaged across processes (one reduce)
 
 
 @torch.no_grad()
@@ -397,13 +400,11 @@ def max_iou_assign(
     anchors: A anchors; valid: (B, A) bool; gt_boxes: (B, G, 4); gt_mask: (B, G) bool.
     Returns matched_idxs (B, A) int64: box index, NEGATIVE, IGNORED or OUT_OF_IMAGE.
     """
-    batch, num_anchors = valid.shape
     num_gt = gt_boxes.shape[1]
     if num_gt == 0:
         matched = torch.full_like(valid, NEGATIVE, dtype=torch.int64)
         return matched.masked_fill(~valid, OUT_OF_IMAGE)
-    iou = box_iou(anchors.boxes, gt_boxes.reshape(-1, 4)).view(num_anchors, batch, num_gt)
-    iou = iou.permute(1, 0, 2).masked_fill(~gt_mask[:, None, :], -1.0)  # (B, A, G)
+    iou = batched_iou(anchors, gt_boxes).masked_fill(~gt_mask[:, None, :], -1.0)  # (B, A, G)
     best_iou, best_gt = iou.max(dim=2)
     matched = torch.full_like(best_gt, IGNORED)
     matched = torch.where(best_iou < neg_iou, NEGATIVE, matched)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria.base import FlatOutputs, ReduceMean
 from crosskd_cli.criteria.retinanet import RetinaNetCriterion, positive_boxes
 from crosskd_cli.losses import focal_loss, giou_loss
@@ -40,8 +41,8 @@ class ATSSCriterion(RetinaNetCriterion):
         matched = atss_assign(flat.anchors, flat.valid, gt_boxes, gt_mask, ATSS_TOPK)
         targets = build_targets(matched, gt_boxes, gt_labels, self.num_classes, reduce_mean)
         distances = bbox_to_distance(flat.anchors.centers, positive_boxes(flat, targets))
-        centerness = centerness_target(distances.clamp(min=0)) * targets.pos_mask
-        targets.centerness = centerness
+        targets.centerness = centerness_target(distances.clamp(min=0)) * targets.pos_mask
+        targets.centerness_sum = reduce_mean(targets.centerness.sum())
         return targets
 
     def gt_losses(
@@ -50,7 +51,7 @@ class ATSSCriterion(RetinaNetCriterion):
         pos, centerness = targets.pos_mask, targets.centerness
         loss_cls = focal_loss(flat.cls, targets.labels, targets.label_weights)
         giou = giou_loss(self.decode(flat), positive_boxes(flat, targets), centerness, "sum")
-        centerness_sum = reduce_mean(centerness.sum()).clamp(min=1.0)
+        centerness_sum = targets.centerness_sum.clamp(min=1.0)
         bce = F.binary_cross_entropy_with_logits(flat.centerness, centerness, reduction="none")
         w = self.loss_weights
         return {
@@ -73,5 +74,5 @@ class ATSSCriterion(RetinaNetCriterion):
         total = (bce * targets.pos_mask).sum() / targets.num_pos
         return {f"{prefix}_centerness": weights["centerness"] * total}
 
-    def kd_names(self, cfg, prefix: str) -> tuple[str, ...]:
+    def kd_names(self, cfg: DistillConfig, prefix: str) -> tuple[str, ...]:
         return (*super().kd_names(cfg, prefix), f"{prefix}_centerness")

@@ -18,10 +18,17 @@ import torch
 from torch import Tensor
 
 from crosskd_cli.config import DistillConfig, kd_weights
-from crosskd_cli.losses import bce_kd_loss, qfl_kd_loss
+from crosskd_cli.losses import bce_kd_loss, giou_loss, qfl_kd_loss
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import HeadOutput, Target
-from crosskd_cli.targets import AnchorGrid, AnchorSet, DenseTargets, flatten_levels, pad_targets
+from crosskd_cli.targets import (
+    AnchorGrid,
+    AnchorSet,
+    DenseTargets,
+    decode_boxes,
+    flatten_levels,
+    pad_targets,
+)
 
 ReduceMean = Callable[[Tensor], Tensor]
 NORM_EPS = 1e-6
@@ -148,33 +155,45 @@ class DenseCriterion(ABC):
         weights = kd_weights(cfg, self.spec.family)
         with torch.autocast(pred.cls.device.type, enabled=False):
             pred, teacher = pred.float(), teacher.float()
-            norm = self.kd_normalizer(targets, reduce_mean)
+            norm = self.kd_normalizer(targets)
             losses = {}
             if cfg.cls_kd != "none":
                 cls_sum = cls_kd(pred.cls, teacher.cls, targets.label_weights, cfg)
                 losses[f"{prefix}_cls"] = weights["cls"] * cls_sum / norm
             if cfg.box_kd:
                 region = region_weight(teacher.cls, targets, cfg.region_weight)
-                box = self.box_kd(pred, teacher, region, targets, cfg, reduce_mean)
+                box = self.box_kd(pred, teacher, region, norm, cfg, reduce_mean)
                 losses[f"{prefix}_box"] = weights["box"] * box
             losses.update(self.extra_kd(pred, teacher, targets, weights, prefix))
         return losses
 
-    def kd_normalizer(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
-        """What the cls KD sum is divided by: the number of positives (FCOS overrides)."""
+    def kd_normalizer(self, targets: DenseTargets) -> Tensor:
+        """What the KD sums are divided by: the number of positives (FCOS overrides)."""
         return targets.num_pos
 
-    @abstractmethod
+    def decode(self, flat: FlatOutputs) -> Tensor:
+        """(B, A, 4) boxes in pixels from the box predictions, unclamped (training decode)."""
+        return decode_boxes(
+            self.spec.family, flat.anchors.boxes, flat.strides, flat.box, reg_max=self.spec.reg_max
+        )
+
+    # The box KD loss on decoded boxes: GIoU (RetinaNet, ATSS); FCOS uses -ln IoU
+    box_kd_loss = staticmethod(giou_loss)
+
     def box_kd(
         self,
         pred: FlatOutputs,
         teacher: FlatOutputs,
         region: Tensor,
-        targets: DenseTargets,
+        norm: Tensor,
         cfg: DistillConfig,
         reduce_mean: ReduceMean,
     ) -> Tensor:
-        """The family's box KD, already normalised (not yet weighted)."""
+        """The family's box KD, normalised, not yet weighted: `box_kd_loss` between boxes
+        decoded from both predictions, weighted by `region`, / `norm` (the KD normaliser).
+        GFL overrides it with KL on the box distributions."""
+        teacher_boxes = self.decode(teacher).detach()
+        return self.box_kd_loss(self.decode(pred), teacher_boxes, region, "sum") / norm
 
     def extra_kd(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
 from crosskd_cli.losses import focal_loss, iou_loss
 from crosskd_cli.targets import (
@@ -13,7 +12,6 @@ from crosskd_cli.targets import (
     bbox_to_distance,
     build_targets,
     centerness_target,
-    distance_to_bbox,
     fcos_assign,
 )
 
@@ -28,6 +26,7 @@ class FCOSCriterion(DenseCriterion):
     """
 
     LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
+    box_kd_loss = staticmethod(iou_loss)
 
     def build_targets(
         self,
@@ -44,14 +43,8 @@ class FCOSCriterion(DenseCriterion):
         points = flat.anchors.centers
         distances = bbox_to_distance(points, targets.bbox_targets).clamp(min=NORM_EPS)
         targets.centerness = centerness_target(distances) * targets.pos_mask
+        targets.centerness_sum = reduce_mean(targets.centerness.sum())
         return targets
-
-    def centerness_norm(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
-        """The sum of centerness targets, averaged across processes, at least 1e-6."""
-        return reduce_mean(targets.centerness.sum()).clamp(min=NORM_EPS)
-
-    def decode(self, flat: FlatOutputs) -> Tensor:
-        return distance_to_bbox(flat.anchors.centers, flat.box)
 
     def gt_losses(
         self, flat: FlatOutputs, targets: DenseTargets, reduce_mean: ReduceMean
@@ -64,25 +57,12 @@ class FCOSCriterion(DenseCriterion):
         w = self.loss_weights
         return {
             "loss_cls": w["loss_cls"] * loss_cls / targets.num_pos,
-            "loss_bbox": w["loss_bbox"] * iou / self.centerness_norm(targets, reduce_mean),
+            "loss_bbox": w["loss_bbox"] * iou / targets.centerness_sum.clamp(min=NORM_EPS),
             "loss_centerness": w["loss_centerness"] * (bce * pos).sum() / targets.num_pos,
         }
 
-    def kd_normalizer(self, targets: DenseTargets, reduce_mean: ReduceMean) -> Tensor:
+    def kd_normalizer(self, targets: DenseTargets) -> Tensor:
         """The centerness-target sum, floored at 1 (not 1e-6 as for the GT box loss): the KD
         sums are not centerness-weighted, so a batch without positives would multiply them
         by a million."""
-        return self.centerness_norm(targets, reduce_mean).clamp(min=1.0)
-
-    def box_kd(
-        self,
-        pred: FlatOutputs,
-        teacher: FlatOutputs,
-        region: Tensor,
-        targets: DenseTargets,
-        cfg: DistillConfig,
-        reduce_mean: ReduceMean,
-    ) -> Tensor:
-        teacher_boxes = self.decode(teacher).detach()
-        total = iou_loss(self.decode(pred), teacher_boxes, region, "sum")
-        return total / self.kd_normalizer(targets, reduce_mean)
+        return targets.centerness_sum.clamp(min=1.0)

@@ -91,7 +91,7 @@ class GFLCriterion(DenseCriterion):
         pred: FlatOutputs,
         teacher: FlatOutputs,
         region: Tensor,
-        targets: DenseTargets,
+        norm: Tensor,
         cfg: DistillConfig,
         reduce_mean: ReduceMean,
     ) -> Tensor:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria.base import DenseCriterion, FlatOutputs, ReduceMean
-from crosskd_cli.losses import focal_loss, giou_loss
+from crosskd_cli.losses import focal_loss
 from crosskd_cli.targets import (
     DELTA_STDS,
     DenseTargets,
     build_targets,
-    decode_deltas,
     encode_deltas,
     max_iou_assign,
 )
@@ -28,7 +26,7 @@ def positive_boxes(flat: FlatOutputs, targets: DenseTargets) -> Tensor:
 class RetinaNetCriterion(DenseCriterion):
     """MMDetection's RetinaHead losses: focal loss over valid, non-ignored anchors and L1 on the
     positives' deltas (means 0, stds 1), both / num_pos (this process's, no cross-process
-    average, as MMDetection's AnchorHead)."""
+    average, as MMDetection's AnchorHead). Box KD: the base's GIoU on decoded boxes / num_pos."""
 
     LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0}
 
@@ -60,20 +58,3 @@ class RetinaNetCriterion(DenseCriterion):
             "loss_cls": w["loss_cls"] * loss_cls / targets.num_pos,
             "loss_bbox": w["loss_bbox"] * l1.sum() / targets.num_pos,
         }
-
-    def decode(self, flat: FlatOutputs) -> Tensor:
-        """(B, A, 4) boxes from the deltas, unclamped (as MMDetection's training decode)."""
-        return decode_deltas(flat.anchors.boxes, flat.box, self.stds)
-
-    def box_kd(
-        self,
-        pred: FlatOutputs,
-        teacher: FlatOutputs,
-        region: Tensor,
-        targets: DenseTargets,
-        cfg: DistillConfig,
-        reduce_mean: ReduceMean,
-    ) -> Tensor:
-        """GIoU between the decoded predicted and teacher boxes, weighted by `region`, / num_pos."""
-        teacher_boxes = self.decode(teacher).detach()
-        return giou_loss(self.decode(pred), teacher_boxes, region, "sum") / targets.num_pos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from crosskd_cli.errors import ModelError
 _SHOWN_KEYS = 3  # how many offending keys an error names before it only counts
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """What every backbone shares: [C3, C4, C5] at strides 8/16/32, and frozen stages.
 
     A subclass sets `name` (its BACKBONES key), `out_channels` (C3-C5 widths),
@@ -30,9 +31,9 @@ class Backbone(nn.Module):
     torchvision_ignored: tuple[str, ...] = ()
     torchvision_absent: tuple[str, ...] = ()
 
+    @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
         """The modules `frozen_stages` freezes, in forward order."""
-        raise NotImplementedError
 
     def freeze(self) -> None:
         """Stop gradients into the frozen modules and put them (and BN, if norm_eval) in eval."""

@@ -10,6 +10,7 @@ predictors in `predict`. The cross-head forward of the distiller is then generic
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -40,6 +41,13 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.pre_activation(x))
+
+
+def init_predictor(conv: nn.Conv2d, prior_prob: float | None = None) -> None:
+    """N(0, 0.01) weights; bias 0, or set so every sigmoid starts at `prior_prob` (focal loss)."""
+    nn.init.normal_(conv.weight, std=0.01)
+    bias = 0.0 if prior_prob is None else -math.log((1 - prior_prob) / prior_prob)
+    nn.init.constant_(conv.bias, bias)
 
 
 class Scale(nn.Module):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from crosskd_cli.models.dense_head import DenseHead, Scale
-from crosskd_cli.models.retina_head import init_predictor
+from crosskd_cli.models.dense_head import DenseHead, Scale, init_predictor
 
 
 class FCOSHead(DenseHead):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from crosskd_cli.models.dense_head import DenseHead, Scale
+from crosskd_cli.models.dense_head import DenseHead, Scale, init_predictor
 
 
 class GFLHead(DenseHead):
@@ -35,10 +33,8 @@ class GFLHead(DenseHead):
         self.gfl_cls = nn.Conv2d(self.predictor_channels, num_classes, 3, padding=1)
         self.gfl_reg = nn.Conv2d(self.predictor_channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
-        nn.init.normal_(self.gfl_cls.weight, std=0.01)
-        nn.init.constant_(self.gfl_cls.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.normal_(self.gfl_reg.weight, std=0.01)
-        nn.init.zeros_(self.gfl_reg.bias)
+        init_predictor(self.gfl_cls, prior_prob)
+        init_predictor(self.gfl_reg)
 
     def predict(
         self, cls_feat: Tensor, reg_feat: Tensor, level: int

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-from crosskd_cli.models.dense_head import DenseHead
-
-
-def init_predictor(conv: nn.Conv2d, prior_prob: float | None = None) -> None:
-    """N(0, 0.01) weights; bias 0, or set so every sigmoid starts at `prior_prob` (focal loss)."""
-    nn.init.normal_(conv.weight, std=0.01)
-    bias = 0.0 if prior_prob is None else -math.log((1 - prior_prob) / prior_prob)
-    nn.init.constant_(conv.bias, bias)
+from crosskd_cli.models.dense_head import DenseHead, init_predictor
 
 
 class RetinaHead(DenseHead):
