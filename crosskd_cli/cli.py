@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from crosskd_cli import __version__
 from crosskd_cli.commands import distill, inspect, quickstart, teacher
@@ -17,7 +18,28 @@ from crosskd_cli.errors import CrossKDError
 
 err_console = Console(stderr=True)
 
+
+class _FlagsAsFlags:
+    """Help shows a flag as `--resume`, not typer's `--resume <bool>`: a flag takes no value."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsAsFlags, TyperCommand):
+    pass
+
+
+class Group(_FlagsAsFlags, TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=Group,
     name="crosskd",
     help=(
         "Cross-Head Knowledge Distillation for dense object detectors.\n\n"
@@ -71,14 +93,14 @@ def root(
 
 
 # The command list: one place, in the order a user meets them.
-teacher_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
+teacher_app = typer.Typer(cls=Group, no_args_is_help=False, rich_markup_mode="rich")
 teacher_app.callback(invoke_without_command=True)(error_boundary(teacher.train))
-teacher_app.command("import")(error_boundary(teacher.import_weights))
+teacher_app.command("import", cls=Command)(error_boundary(teacher.import_weights))
 app.add_typer(teacher_app, name="teacher")
-app.command("distill")(error_boundary(distill.distill))
-app.command("eval")(error_boundary(eval_cmd.evaluate))
-app.command("inspect")(error_boundary(inspect.inspect))
-app.command("quickstart")(error_boundary(quickstart.quickstart))
+app.command("distill", cls=Command)(error_boundary(distill.distill))
+app.command("eval", cls=Command)(error_boundary(eval_cmd.evaluate))
+app.command("inspect", cls=Command)(error_boundary(inspect.inspect))
+app.command("quickstart", cls=Command)(error_boundary(quickstart.quickstart))
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ import yaml
 from crosskd_cli.errors import PresetError
 from crosskd_cli.specs import ModelSpec
 
-DEFAULT_PAIR = "gfl-r101-to-r50"
+DEFAULT_PAIR = "gfl-r101-to-r50"  # what distill and inspect use when no --preset is given
+DEFAULT_TEACHER = "gfl-r101"  # the default pair's teacher preset: `crosskd teacher`'s default
 
 
 @dataclass(frozen=True)

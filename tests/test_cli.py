@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from safetensors import safe_open
@@ -49,6 +52,44 @@ def test_each_subcommand_documents_its_options_and_an_example(command, option):
     result = invoke(command, "--help")
     assert result.exit_code == 0
     assert option in result.output and "Example" in result.output
+
+
+HEAVY = ("torch", "torchvision", "accelerate")
+
+
+def test_importing_the_app_leaves_torch_out():
+    code = f"import sys, crosskd_cli.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["teacher"], ["teacher", "import"], ["distill"], ["eval"], ["inspect"],
+                ["quickstart"]]
+)  # fmt: skip
+def test_help_of_every_command_answers_without_importing_torch(command):
+    code = (
+        "import sys\nfrom crosskd_cli.cli import app\n"
+        f"try:\n    app({[*command, '--help']!r}, prog_name='crosskd')\n"
+        "except SystemExit:\n    pass\n"
+        f"print('heavy:', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage: crosskd" in done.stdout
+    assert done.stdout.rstrip().endswith("heavy: []")
+
+
+def test_flags_read_as_flags_in_help():
+    output = runner.invoke(app, ["teacher", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--resume +Continue an interrupted run", output)
+    assert "<bool>" not in output
+
+
+def test_teacher_defaults_to_the_default_pairs_teacher():
+    from crosskd_cli.config import DEFAULT_PAIR, DEFAULT_TEACHER, load_preset
+
+    assert load_preset(DEFAULT_PAIR).teacher.preset == DEFAULT_TEACHER
+    assert re.search(r"--preset .*\[default: gfl-r101\]", invoke("teacher", "--help").output)
 
 
 def test_a_user_error_is_one_red_line_with_a_hint_and_exit_code_2():

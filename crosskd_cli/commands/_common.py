@@ -1,17 +1,22 @@
-"""Small pieces shared by the training commands: data resolution and the closing summary."""
+"""Small pieces shared by the training commands: data resolution and the closing summary.
+
+Imported by `--help`: anything that pulls in torch is imported inside the function using it.
+"""
 
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from crosskd_cli.config import Preset
-from crosskd_cli.data import DataSource, resolve_data
 from crosskd_cli.errors import DataError, RunError
-from crosskd_cli.metrics import metrics_table
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
+    from crosskd_cli.data import DataSource
 
 
 def data_source(
@@ -23,6 +28,8 @@ def data_source(
     val_images: Path | None,
 ) -> DataSource:
     """--data, else the custom paths, else the preset's own default data."""
+    from crosskd_cli.data import resolve_data
+
     custom = any(p is not None for p in (train_ann, train_images, val_ann, val_images))
     spec = data if data is not None or custom else preset.data.source
     if spec is None and not custom:
@@ -46,6 +53,8 @@ def command_line() -> str:
 
 
 def print_run_summary(console: Console, run, state) -> None:
+    from crosskd_cli.metrics import metrics_table
+
     console.print(metrics_table(state.metrics, f"Run {run.root}"))
     console.print(
         f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "

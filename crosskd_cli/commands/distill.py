@@ -24,8 +24,6 @@ from crosskd_cli.commands._options import (
     ValImagesOpt,
 )
 from crosskd_cli.config import DEFAULT_PAIR, load_preset
-from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
-from crosskd_cli.runs import choose_run_dir
 
 console = Console()
 
@@ -89,6 +87,8 @@ def distill(
     Example: crosskd distill --preset gfl-r101-to-r50 --cross-index 3 --data /coco --teacher
     gfl_r101.safetensors
     """
+    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.runs import choose_run_dir
     from crosskd_cli.teachers import resolve_teacher
     from crosskd_cli.training import distill_student
 

@@ -10,9 +10,6 @@ from rich.console import Console
 
 from crosskd_cli.commands._common import refuse_to_clobber
 from crosskd_cli.commands._options import DataOpt, ValAnnOpt, ValImagesOpt
-from crosskd_cli.metrics import metrics_table, per_class_table
-from crosskd_cli.progress import progress_bar
-from crosskd_cli.runs import write_json
 
 console = Console()
 
@@ -58,6 +55,9 @@ def evaluate(
     Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
     from crosskd_cli.evaluate import evaluate_checkpoint
+    from crosskd_cli.metrics import metrics_table, per_class_table
+    from crosskd_cli.progress import progress_bar
+    from crosskd_cli.runs import write_json
 
     source = eval_data_source(checkpoint, data, val_ann, val_images, console)
     out = out or checkpoint.parent / f"eval-{checkpoint.stem}"

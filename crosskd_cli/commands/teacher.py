@@ -30,16 +30,14 @@ from crosskd_cli.commands._options import (
     ValAnnOpt,
     ValImagesOpt,
 )
-from crosskd_cli.config import load_preset
-from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
-from crosskd_cli.runs import choose_run_dir
+from crosskd_cli.config import DEFAULT_TEACHER, load_preset
 
 console = Console()
 
 
 def train(
     ctx: typer.Context,
-    preset: PresetOpt = "shapes-gfl-r50",
+    preset: PresetOpt = DEFAULT_TEACHER,
     data: DataOpt = None,
     train_ann: TrainAnnOpt = None,
     train_images: TrainImagesOpt = None,
@@ -56,10 +54,14 @@ def train(
 
     Writes a run folder with config.yaml, results.csv, best.safetensors and last.safetensors.
 
-    Example: crosskd teacher --preset shapes-gfl-r50 --data builtin:shapes
+    Example: crosskd teacher --preset shapes-gfl-r34 --data builtin:shapes
+
+    On COCO: crosskd teacher --preset gfl-r101 --data /coco
     """
     if ctx.invoked_subcommand is not None:
         return
+    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.runs import choose_run_dir
     from crosskd_cli.training import train_detector
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
