@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Rich wraps at the terminal width; a wide one keeps asserted CLI messages on one line.
@@ -18,6 +20,19 @@ os.environ["COLUMNS"] = "200"
 def private_cache(tmp_path_factory, monkeypatch):
     """No test writes to the user's cache; built-in data is generated once per session."""
     monkeypatch.setenv("CROSSKD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread: the number of threads changes the summation order of
+    reductions (convolution backward among them), so frozen reference numbers are computed and
+    checked on one, whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_image(path: Path, size=(40, 30), mode="RGB", seed=0) -> None:
