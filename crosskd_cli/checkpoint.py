@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from crosskd_cli import __version__
 from crosskd_cli.errors import CheckpointError
+from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.specs import ModelSpec
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
@@ -246,7 +247,10 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta]:
-    """(state dict of CPU tensors, metadata). Safetensors only: nothing is ever unpickled."""
+    """(state dict of CPU tensors, metadata). Safetensors only: nothing is ever unpickled.
+
+    Key names of files from older crosskd versions are mapped onto today's (`legacy.py`).
+    """
     meta = read_meta(path)
     try:
         state_dict = load_file(str(path), device="cpu")
@@ -255,7 +259,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], CheckpointMeta
             f"'{path}' is not a crosskd checkpoint: its tensors cannot be read ({err}).",
             hint="The file may be truncated or corrupt; copy or re-save it.",
         ) from err
-    return state_dict, meta
+    return upgrade_keys(state_dict, meta.model.family), meta
 
 
 def _existing_file(path: str | Path) -> Path:

@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The schedule of METHOD.md §4 (MMDetection's 1x by default)."""
+    """The schedule of docs/method.md §4 (MMDetection's 1x by default)."""
 
     epochs: int = 12  # training length in epochs, unless max_iters is set
     max_iters: int | None = None  # train for exactly this many iterations instead of epochs
@@ -68,9 +68,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """CrossKD and the baselines it is compared with (METHOD.md §2-§3)."""
+    """CrossKD and the baselines it is compared with (docs/method.md §2-§3)."""
 
-    method: str = "crosskd"  # crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic, none
+    # KD terms joined by '+' (crosskd, mimic, pkd; e.g. crosskd+pkd), or none: the plain
+    # student. Checked against crosskd_cli.kd_terms.KD_TERMS when the preset loads.
+    method: str = "crosskd"
     cross_index: int = 3  # student tap index fed to the teacher head, 0..stacked_convs
     cls_kd: str = "qfl"  # qfl (paper Eq. 7), bce (Table 11) or none (Table 3: reg only)
     box_kd: bool = True  # False: KD on classification only (Table 3)
@@ -79,46 +81,13 @@ class DistillConfig:
     # A learnable 1x1 conv per tower maps the student tap to the teacher's width when the heads
     # differ in width; it trains with the student and is never exported.
     adapter: bool = False
-    # Loss weights; None = the head family's default (KD_DEFAULTS, METHOD.md §3)
+    # Loss weights; None = the head family's default (crosskd_cli.families, docs/method.md §3)
     cls_weight: float | None = None
     box_weight: float | None = None
     centerness_weight: float | None = None  # ATSS centerness KD
     pkd_weight: float | None = None
     beta: float = 1.0  # modulating exponent of the QFL-style cls KD
     temperature: float = 1.0  # KL box KD temperature
-
-
-# The authors' per-family KD weights (METHOD.md §3); FCOS's cls and box weights are its own.
-KD_DEFAULTS = {
-    "gfl": {"cls": 1.0, "box": 4.0, "centerness": 0.0, "pkd": 6.0},
-    "retinanet": {"cls": 1.0, "box": 1.0, "centerness": 0.0, "pkd": 2.0},
-    "atss": {"cls": 1.0, "box": 1.0, "centerness": 1.0, "pkd": 1.0},
-    "fcos": {"cls": 0.4, "box": 0.75, "centerness": 0.0, "pkd": 2.0},
-}
-
-
-def kd_weights(cfg: DistillConfig, family: str) -> dict[str, float]:
-    """{"cls", "box", "centerness", "pkd"}: the config's weights, the family's where unset."""
-    defaults = KD_DEFAULTS.get(family, KD_DEFAULTS["gfl"])
-    given = {
-        "cls": cfg.cls_weight,
-        "box": cfg.box_weight,
-        "centerness": cfg.centerness_weight,
-        "pkd": cfg.pkd_weight,
-    }
-    return {k: defaults[k] if v is None else v for k, v in given.items()}
-
-
-def resolve_distill(cfg: DistillConfig, family: str) -> DistillConfig:
-    """The config with every weight filled in for `family` (what a run records)."""
-    weights = kd_weights(cfg, family)
-    return dataclasses.replace(
-        cfg,
-        cls_weight=weights["cls"],
-        box_weight=weights["box"],
-        centerness_weight=weights["centerness"],
-        pkd_weight=weights["pkd"],
-    )
 
 
 @dataclass(frozen=True)
@@ -175,7 +144,23 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
     raw.setdefault("name", path.stem)
     for item in overrides or []:
         apply_override(raw, item)
-    return from_dict(Preset, raw, str(path))
+    preset = from_dict(Preset, raw, str(path))
+    _check_method(preset.distill.method, str(path))
+    return preset
+
+
+def _check_method(method: str, where: str) -> None:
+    """Parse the method string once, at load, so a typo stops before any data is read.
+
+    The KD-term table lives with the terms (torch code), so it is imported here, when a preset
+    is loaded, and not when the CLI starts (`--help` stays instant).
+    """
+    from crosskd_cli.kd_terms import parse_method
+
+    try:
+        parse_method(method)
+    except PresetError as err:
+        raise PresetError(f"{where}: {err.message}", hint=err.hint) from None
 
 
 def _locate(name_or_path: str) -> Path:

@@ -1,53 +1,35 @@
-"""The distiller: a frozen teacher beside a training student, and the CrossKD step.
+"""The distiller: a frozen teacher beside a training student, and the distillation step.
 
-The cross-head forward (METHOD.md §2): the student's tap i of both towers, aligned to the
+The cross-head forward (docs/method.md §2): the student's tap i of every tower, aligned to the
 teacher tap's per-channel statistics and passed through ReLU when i > 0, continues through the
 teacher's blocks i+1.. and predictors. Those cross-head predictions mimic the teacher's; the
-student's own predictions answer to the ground truth only (unless `mimic` is asked for).
+student's own predictions answer to the ground truth only (unless `mimic` is asked for). The
+KD terms themselves live in `crosskd_cli.kd_terms`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from crosskd_cli.config import DistillConfig, kd_weights
+from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria import DenseCriterion, FlatOutputs
-from crosskd_cli.errors import ModelError
-from crosskd_cli.losses import pkd_loss
+from crosskd_cli.families import get_family
+from crosskd_cli.kd_terms import StepOutputs, kd_weights, method_terms
 from crosskd_cli.structures import Batch, DetectorOutput, HeadOutput
 
-METHODS = ("crosskd", "mimic", "pkd", "crosskd+pkd", "crosskd+mimic", "none")
 ALIGN_EPS = 1e-6
 Reduce = Callable[[Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class MethodParts:
-    """Which terms a method switches on."""
-
-    cross: bool
-    mimic: bool
-    pkd: bool
-
-    @classmethod
-    def of(cls, method: str) -> MethodParts:
-        if method not in METHODS:
-            raise ModelError(
-                f"Method '{method}' is not known.", hint=f"Choose one of: {', '.join(METHODS)}."
-            )
-        parts = method.split("+")
-        return cls("crosskd" in parts, "mimic" in parts, "pkd" in parts)
+Taps = dict[str, list[Tensor]]  # tower name -> per-level taps
 
 
 def align_tap(student_tap: Tensor, teacher_tap: Tensor) -> Tensor:
     """Give the student tap the teacher tap's per-channel mean and std over (N, H, W).
 
     The student's statistics stay differentiable; the teacher's are constants. Unbiased std
-    plus 1e-6, as METHOD.md §2.4 pins.
+    plus 1e-6 (docs/method.md §2.4).
     """
     dims = (0, 2, 3)
     s_mean = student_tap.mean(dim=dims, keepdim=True)
@@ -58,13 +40,7 @@ def align_tap(student_tap: Tensor, teacher_tap: Tensor) -> Tensor:
 
 
 def cross_head_forward(
-    teacher_head: nn.Module,
-    index: int,
-    student_cls_taps: list[Tensor],
-    student_reg_taps: list[Tensor],
-    teacher_cls_taps: list[Tensor],
-    teacher_reg_taps: list[Tensor],
-    align: bool = True,
+    teacher_head: nn.Module, index: int, student_taps: Taps, teacher_taps: Taps, align: bool = True
 ) -> HeadOutput:
     """Student taps at `index` -> (align) -> (ReLU if index > 0) -> rest of the teacher head.
 
@@ -76,24 +52,25 @@ def cross_head_forward(
         x = align_tap(student, teacher) if align else student
         return torch.relu(x) if index > 0 else x
 
-    cls_in = [prepare(s, t) for s, t in zip(student_cls_taps, teacher_cls_taps, strict=True)]
-    reg_in = [prepare(s, t) for s, t in zip(student_reg_taps, teacher_reg_taps, strict=True)]
-    return teacher_head.forward_from(index, cls_in, reg_in)
+    inputs = {
+        tower: [prepare(s, t) for s, t in zip(taps, teacher_taps[tower], strict=True)]
+        for tower, taps in student_taps.items()
+    }
+    return teacher_head.forward_from(index, inputs)
 
 
-class TapAdapter(nn.Module):
-    """1x1 convs (one per tower, shared over levels) from the student tap width to the
-    teacher's, for heads of different width (METHOD.md §2). Applied before alignment."""
+class TapAdapter(nn.ModuleDict):
+    """A 1x1 conv per tower (shared over levels) from the student tap width to the teacher's,
+    for heads of different width (docs/method.md §2.7). Applied before alignment."""
 
-    def __init__(self, student_channels: int, teacher_channels: int) -> None:
-        super().__init__()
-        self.cls = nn.Conv2d(student_channels, teacher_channels, 1)
-        self.reg = nn.Conv2d(student_channels, teacher_channels, 1)
+    def __init__(self, student_channels: int, teacher_channels: int, towers=("cls", "reg")):
+        super().__init__(
+            {tower: nn.Conv2d(student_channels, teacher_channels, 1) for tower in towers}
+        )
 
     def forward(self, output: DetectorOutput) -> DetectorOutput:
         head = output.head
-        head.cls_taps = [self.cls(tap) for tap in head.cls_taps]
-        head.reg_taps = [self.reg(tap) for tap in head.reg_taps]
+        head.taps = {tower: [self[tower](tap) for tap in taps] for tower, taps in head.taps.items()}
         return output
 
 
@@ -118,6 +95,10 @@ class AdaptedStudent(nn.Module):
         return model.student
 
 
+def export_as_is(model: nn.Module) -> nn.Module:
+    return model
+
+
 class Distiller:
     """Holds the frozen teacher and computes one distillation step's losses.
 
@@ -135,57 +116,63 @@ class Distiller:
         self.teacher = teacher
         self.criterion = criterion
         self.cfg = cfg
-        self.parts = MethodParts.of(cfg.method)
+        self.terms = method_terms(cfg.method)
         self.reduce_mean = reduce_mean
-        self.pkd_weight = kd_weights(cfg, teacher.spec.family)["pkd"]
+        family = get_family(teacher.spec.family)
+        self.weights = kd_weights(cfg, family.kd_defaults, self.terms)
+
+    @property
+    def needs_taps(self) -> bool:
+        return any(term.needs_taps for term in self.terms)
 
     @property
     def tap_index(self) -> int | None:
-        return self.cfg.cross_index if self.parts.cross else None
+        return self.cfg.cross_index if self.needs_taps else None
 
     def loss_names(self) -> tuple[str, ...]:
         """Names of the distillation terms, watched for staying at exactly zero."""
-        names = []
-        for prefix, on in (("kd_cross", self.parts.cross), ("kd_mimic", self.parts.mimic)):
-            if on:
-                names += self.criterion.kd_names(self.cfg, prefix)
-        return tuple(names) + (("kd_pkd",) if self.parts.pkd else ())
+        return tuple(
+            name for term in self.terms for name in term.loss_names(self.criterion, self.cfg)
+        )
+
+    def student_module(
+        self, student: nn.Module, student_width: int, teacher_width: int
+    ) -> tuple[nn.Module, Callable[[nn.Module], nn.Module]]:
+        """(the module to train, the function giving the detector to evaluate and export).
+
+        Taps of different widths go through a learnable adapter trained with the student
+        (the pair check has made sure it was asked for); it is never exported.
+        """
+        if not self.needs_taps or student_width == teacher_width:
+            return student, export_as_is
+        adapter = TapAdapter(student_width, teacher_width, tuple(self.teacher.head.towers))
+        return AdaptedStudent(student, adapter), AdaptedStudent.exported
+
+    def cross_head_forward(self, student_taps: Taps, teacher_taps: Taps) -> HeadOutput:
+        return cross_head_forward(
+            self.teacher.head, self.cfg.cross_index, student_taps, teacher_taps, self.cfg.align
+        )
+
+    def prediction_kd(self, pred: FlatOutputs, out: StepOutputs, prefix: str) -> dict[str, Tensor]:
+        """The family's KD losses between `pred` and the teacher's predictions."""
+        return self.criterion.kd_losses(
+            pred, out.teacher_flat, out.targets, self.cfg, self.weights, prefix, self.reduce_mean
+        )
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        """GT losses on the student's own predictions, KD losses as the method says."""
+        """GT losses on the student's own predictions, then each KD term of the method."""
         index = self.tap_index
         sizes = batch.image_sizes
         student_out = student(batch.images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, sizes, self.reduce_mean
         )
-        if not (self.parts.cross or self.parts.mimic or self.parts.pkd):
+        if not self.terms:
             return losses  # the plain baseline: the teacher is never run
         with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
             teacher_out = self.teacher(batch.images, sizes, tap_index=index)
         teacher_flat = self.criterion.flatten(teacher_out.head, sizes)
-
-        def mimic(pred: FlatOutputs, prefix: str) -> dict[str, Tensor]:
-            return self.criterion.kd_losses(
-                pred, teacher_flat, targets, self.cfg, prefix, self.reduce_mean
-            )
-
-        if self.parts.cross:
-            t_head, s_head = teacher_out.head, student_out.head
-            cross = cross_head_forward(
-                self.teacher.head,
-                index,
-                s_head.cls_taps,
-                s_head.reg_taps,
-                t_head.cls_taps,
-                t_head.reg_taps,
-                align=self.cfg.align,
-            )
-            losses.update(mimic(self.criterion.flatten(cross, sizes), "kd_cross"))
-        if self.parts.mimic:
-            losses.update(mimic(student_flat, "kd_mimic"))
-        if self.parts.pkd:
-            losses["kd_pkd"] = self.pkd_weight * pkd_loss(
-                student_out.features, teacher_out.features
-            )
+        out = StepOutputs(student_out, teacher_out, student_flat, teacher_flat, targets, sizes)
+        for term in self.terms:
+            losses.update(term(self, out))
         return losses

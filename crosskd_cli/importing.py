@@ -1,6 +1,6 @@
 """`crosskd teacher import`: an MMDetection checkpoint -> a self-describing crosskd teacher.
 
-MMDetection's key names (METHOD.md, end) map onto crosskd's one rule at a time; nothing is
+MMDetection's key names (docs/method.md §5) map onto crosskd's one rule at a time; nothing is
 guessed. Every key that does not map, is missing or has another shape is reported by name.
 """
 
@@ -22,21 +22,18 @@ from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
 from crosskd_cli.config import Preset
 from crosskd_cli.data import CocoDetection, DataSource
 from crosskd_cli.errors import CheckpointError
+from crosskd_cli.families import get_family
 from crosskd_cli.models import build_detector
 from crosskd_cli.safe_pickle import load_checkpoint_object, refused_inside
+from crosskd_cli.specs import ModelSpec
 
 # (MMDetection key pattern, crosskd key template) for the neck and the head; backbone keys go
-# through `convert_mmdet_backbone`. MMDetection's ConvModule adds `.conv` / `.gn` levels that
-# crosskd's blocks name conv / norm; predictor names are MMDetection's in every family.
-PREDICTORS = (
-    "gfl_cls|gfl_reg|retina_cls|retina_reg|atss_cls|atss_reg|atss_centerness"
-    "|conv_cls|conv_reg|conv_centerness"
-)
+# through `convert_mmdet_backbone`, predictors through the family's names (`key_rules`).
+# MMDetection's ConvModule adds `.conv` / `.gn` levels that crosskd's blocks name conv / norm.
 KEY_RULES = [
     (r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)", r"neck.\1.\2.\3"),
-    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", r"head.\1_tower.\2.conv.\3"),
-    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)", r"head.\1_tower.\2.norm.\3"),
-    (rf"bbox_head\.({PREDICTORS})\.(weight|bias)", r"head.\1.\2"),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)", r"head.towers.\1.\2.conv.\3"),
+    (r"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)", r"head.towers.\1.\2.norm.\3"),
     (r"bbox_head\.scales\.(\d+)\.scale", r"head.scales.\1.scale"),
 ]
 BACKBONE_PREFIX = "backbone."
@@ -84,9 +81,18 @@ class ImportReport:
         return [(kind, keys) for kind, keys in kinds if keys]
 
 
-def map_key(key: str) -> str | None:
+def key_rules(family: str) -> list[tuple[str, str]]:
+    """KEY_RULES plus the family's predictors: `bbox_head.gfl_cls.*` -> `head.cls_predictor.*`."""
+    predictors = get_family(family).mmdet_predictors
+    return KEY_RULES + [
+        (rf"bbox_head\.{re.escape(theirs)}\.(weight|bias)", rf"head.{ours}.\1")
+        for ours, theirs in predictors.items()
+    ]
+
+
+def map_key(key: str, rules: list[tuple[str, str]]) -> str | None:
     """The crosskd name of an MMDetection key, or None when no rule covers it."""
-    for pattern, template in KEY_RULES:
+    for pattern, template in rules:
         match = re.fullmatch(pattern, key)
         if match:
             return match.expand(template)
@@ -143,20 +149,22 @@ def class_names_in(meta: dict[str, Any]) -> list[str] | None:
 
 
 def rename_keys(
-    state: dict[str, Tensor], backbone: str, reg_max: int
+    state: dict[str, Tensor], spec: ModelSpec
 ) -> tuple[list[tuple[str, str | None, Tensor]], list[str], list[str]]:
     """[(file key, crosskd key or None, tensor)] for every tensor, backbone included; the
     backbone keys no rule maps (MMDetection names them; crosskd has no such layer); and the
     backbone keys MMDetection's detector never runs (backbone_import.UNUSED_KEYS), dropped."""
     renamed: list[tuple[str, str | None, Tensor]] = []
     backbone_state = {}
+    rules = key_rules(spec.family)
     for key, value in state.items():
         if key in DERIVED:
-            _check_projection(key, value, reg_max)
+            _check_projection(key, value, spec.reg_max)
         elif key.startswith(BACKBONE_PREFIX):
             backbone_state[key[len(BACKBONE_PREFIX) :]] = value
         else:
-            renamed.append((key, map_key(key), value))
+            renamed.append((key, map_key(key, rules), value))
+    backbone = spec.backbone
     converted, unmapped = convert_mmdet_backbone(backbone, backbone_state)
     renamed += [(BACKBONE_PREFIX + k, BACKBONE_PREFIX + k, v) for k, v in converted.items()]
     unused_rule = UNUSED_KEYS.get(backbone)
@@ -166,14 +174,14 @@ def rename_keys(
 
 
 def convert_state(
-    state: dict[str, Tensor], model: nn.Module, backbone: str, reg_max: int
+    state: dict[str, Tensor], model: nn.Module, spec: ModelSpec
 ) -> tuple[dict[str, Tensor], ImportReport]:
     """Rename the file's tensors to crosskd's keys and compare them with `model`'s."""
     report = ImportReport()
     expected = model.state_dict()
     converted: dict[str, Tensor] = {}
     covered: set[str] = set()  # model keys the file names, whatever their shape
-    renamed, report.unmapped, report.unused = rename_keys(state, backbone, reg_max)
+    renamed, report.unmapped, report.unused = rename_keys(state, spec)
     for key, name, value in renamed:
         if name is None:
             report.unmapped.append(key)
@@ -249,7 +257,7 @@ def import_teacher(
     names, ids, classes_from = resolve_classes(file_meta, data, preset.model.num_classes)
     spec = dataclasses.replace(preset.model, num_classes=len(names))
     model = build_detector(spec)
-    converted, report = convert_state(state, model, spec.backbone, spec.reg_max)
+    converted, report = convert_state(state, model, spec)
     report.refused_metadata = refused
     if report.problems and not allow_partial:
         counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in report.problems)

@@ -11,7 +11,7 @@ from torch import nn
 from crosskd_cli.models import build_detector, count_parameters
 from crosskd_cli.specs import ModelSpec
 
-_BLOCK = re.compile(r"^(cls|reg)_tower\.(\d+)\.")
+_BLOCK = re.compile(r"^towers\.(\w+)\.(\d+)\.")  # towers.<name>.<k>.conv
 
 
 @dataclass

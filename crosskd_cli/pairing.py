@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from crosskd_cli.errors import ModelError
+from crosskd_cli.families import get_family
 from crosskd_cli.specs import ModelSpec
 
 
@@ -29,12 +32,14 @@ def pair_problems(
     differ("head families", teacher.family, student.family)
     differ("class counts", teacher.num_classes, student.num_classes)
     differ("FPN strides (levels)", list(teacher.strides), list(student.strides))
-    if "fcos" not in (teacher.family, student.family):
-        anchors_t = (teacher.octave_base_scale, teacher.scales_per_octave, teacher.anchor_ratios)
-        anchors_s = (student.octave_base_scale, student.scales_per_octave, student.anchor_ratios)
-        differ("anchors (base scale, scales per octave, ratios)", anchors_t, anchors_s)
-    if teacher.family == "gfl":
-        differ("reg_max", teacher.reg_max, student.reg_max)
+    if teacher.family == student.family:  # the same priors and box coding, as the family has them
+        family = get_family(teacher.family)
+        priors_t, priors_s = family.priors(teacher), family.priors(student)
+        differ(f"{priors_t.kind} (base scale, scales per octave, ratios)",
+               priors_t.layout()[1:4], priors_s.layout()[1:4])  # fmt: skip
+        coder_t, coder_s = family.box_coder(teacher), family.box_coder(student)
+        for field in dataclasses.fields(coder_t):  # e.g. GFL's reg_max
+            differ(field.name, getattr(coder_t, field.name), getattr(coder_s, field.name))
     teacher_width, student_width = tap_widths(teacher, student, cross_index)
     if teacher_width != student_width and not adapter:
         problems.append(

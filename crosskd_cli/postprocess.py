@@ -17,23 +17,28 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from crosskd_cli.box_coders import BoxCoder
+from crosskd_cli.families import get_family
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Detections, HeadOutput
-from crosskd_cli.targets import AnchorGrid, decode_boxes, flatten_levels
+from crosskd_cli.targets import AnchorGrid, flatten_levels
 
 SCORE_THR = 0.05
-NMS_IOU = {"gfl": 0.6, "atss": 0.6, "retinanet": 0.5, "fcos": 0.5}
 PRE_NMS_TOP_K = 1000  # per level
 MAX_PER_IMAGE = 100
 
 
 @lru_cache(maxsize=8)
-def _prior_grid(spec: ModelSpec) -> AnchorGrid:
-    return AnchorGrid.from_spec(spec)
+def _decoding(spec: ModelSpec) -> tuple[AnchorGrid, BoxCoder]:
+    """The family's priors (cached per spec: they cache their grids) and box coder."""
+    family = get_family(spec.family)
+    return family.priors(spec), family.box_coder(spec)
 
 
 def _level_candidates(
     spec: ModelSpec,
+    coder: BoxCoder,
+    per_location: int,
     cls_logits: Tensor,
     box_preds: Tensor,
     centerness: Tensor | None,
@@ -47,7 +52,6 @@ def _level_candidates(
     priors (N, 4) of this level; max_shape (B, 1, 2) as (h, w) -> class scores (B, k) (the
     threshold's), final scores (B, k), labels (B, k), boxes (B, k, 4) xyxy.
     """
-    per_location = spec.anchors_per_location
     scores = flatten_levels([cls_logits], per_location).flatten(1).float().sigmoid()  # (B, N*C)
     scores, index = scores.topk(min(k, scores.shape[1]), dim=1)  # sorted, highest first
     prior, labels = index // spec.num_classes, index % spec.num_classes
@@ -55,9 +59,7 @@ def _level_candidates(
     box = box.gather(1, prior[..., None].expand(-1, -1, box.shape[-1]))
     with torch.autocast(box.device.type, enabled=False):  # fp32 decode even under autocast
         strides = torch.full(prior.shape, float(stride), device=box.device)
-        boxes = decode_boxes(
-            spec.family, priors[prior], strides, box.float(), max_shape, spec.reg_max
-        )
+        boxes = coder.decode(priors[prior], strides, box.float(), max_shape)
     final = scores
     if centerness is not None:
         factor = flatten_levels([centerness], per_location).squeeze(-1).float().sigmoid()
@@ -83,12 +85,24 @@ def postprocess(
     """
     sizes = [tuple(x.shape[-2:]) for x in head_out.cls_logits]
     device = head_out.cls_logits[0].device
-    priors = _prior_grid(spec)(sizes, device)
+    grid, coder = _decoding(spec)
+    priors = grid(sizes, device)
     priors_per_level = priors.boxes.split(priors.num_per_level)
     max_shape = torch.tensor(image_sizes, dtype=torch.float32, device=device)[:, None, :]
     centerness = head_out.centerness or [None] * len(head_out.cls_logits)
     levels = [
-        _level_candidates(spec, cls, box, ctr, level_priors, stride, pre_nms_top_k, max_shape)
+        _level_candidates(
+            spec,
+            coder,
+            grid.per_location,
+            cls,
+            box,
+            ctr,
+            level_priors,
+            stride,
+            pre_nms_top_k,
+            max_shape,
+        )  # fmt: skip
         for cls, box, ctr, level_priors, stride in zip(
             head_out.cls_logits,
             head_out.box_preds,
@@ -98,7 +112,7 @@ def postprocess(
             strict=True,
         )
     ]
-    iou = NMS_IOU[spec.family] if nms_iou is None else nms_iou
+    iou = get_family(spec.family).nms_iou if nms_iou is None else nms_iou
     cls_scores, scores, labels, boxes = (torch.cat(p, dim=1) for p in zip(*levels, strict=True))
     return [
         _nms_one_image(*per_image, score_thr, iou, max_per_image)

@@ -15,7 +15,9 @@ class ModelSpec:
     Field names equal the constructor arguments they feed (see `crosskd_cli.models.build`).
     """
 
-    family: str = "gfl"  # head family: gfl, retinanet, atss or fcos
+    family: str = (
+        "gfl"  # head family, a key of crosskd_cli.families.FAMILIES: gfl, retinanet, atss, fcos
+    )
     backbone: str = "resnet50"  # resnet18/34/50/101, resnet50_caffe/101_caffe, mobilenet_v2, swin_t
     num_classes: int = 80  # contiguous labels 0..num_classes-1
     fpn_channels: int = 256  # FPN output width (the paper's 256; CPU presets use 64-96)
@@ -41,8 +43,3 @@ class ModelSpec:
     @property
     def num_levels(self) -> int:
         return len(self.strides)
-
-    @property
-    def anchors_per_location(self) -> int:
-        """Priors per feature-map location: 1 for GFL, ATSS and FCOS, 9 for RetinaNet."""
-        return 1 if self.family == "fcos" else len(self.anchor_ratios) * self.scales_per_octave

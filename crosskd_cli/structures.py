@@ -57,16 +57,15 @@ class HeadOutput:
     With K priors per location (9 for RetinaNet, else 1): cls_logits C = K * num_classes;
     box_preds C = K * 4 (RetinaNet/ATSS deltas; FCOS distances in pixels, exp applied), or for
     GFL 4 * (reg_max + 1) box-side distribution logits; the per-level Scale already applied.
-    centerness: C = K logits (ATSS, FCOS), empty for the other families. cls_taps / reg_taps:
-    the tower taps at the requested index (pre-activation output of that block; index 0 = the
+    centerness: C = K logits (ATSS, FCOS), empty for the other families. taps: {tower name:
+    per-level taps at the requested index} (pre-activation output of that block; index 0 = the
     FPN feature), empty when no tap was asked for.
     """
 
     cls_logits: list[Tensor]
     box_preds: list[Tensor]
     centerness: list[Tensor] = field(default_factory=list)
-    cls_taps: list[Tensor] = field(default_factory=list)
-    reg_taps: list[Tensor] = field(default_factory=list)
+    taps: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
 @dataclass

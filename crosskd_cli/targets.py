@@ -86,12 +86,15 @@ class AnchorGrid:
         self.center_offset = float(center_offset)
         self._cache: OrderedDict[tuple, AnchorSet] = OrderedDict()
 
-    @classmethod
-    def from_spec(cls, spec) -> AnchorGrid:
-        """The priors of a ModelSpec's family: FCOS points, else its anchors."""
-        if spec.family == "fcos":
-            return cls(spec.strides, octave_base_scale=0.0, center_offset=0.5)
-        return cls(spec.strides, spec.octave_base_scale, spec.scales_per_octave, spec.anchor_ratios)
+    @property
+    def kind(self) -> str:
+        """ "points" (zero-size priors, FCOS) or "anchors"."""
+        return "points" if self.octave_base_scale == 0 else "anchors"
+
+    def layout(self) -> tuple:
+        """What must match between a teacher's and a student's priors for the cross branch."""
+        return (self.strides, self.octave_base_scale, self.scales_per_octave, self.ratios,
+                self.center_offset)  # fmt: skip
 
     @property
     def per_location(self) -> int:
@@ -166,7 +169,7 @@ class AnchorGrid:
     ) -> Tensor:
         """(B, A) bool: location (x, y) of stride s is valid when x < ceil(W / s), y < ceil(H / s).
 
-        (H, W) is each image's unpadded size, as METHOD.md §1 pins. (MMDetection measures it
+        (H, W) is each image's unpadded size (docs/method.md §1.5). (MMDetection measures it
         against each image padded to /32, so it also trains the padding strip; training only.)
         """
         anchors = self(feature_sizes, device)
@@ -493,26 +496,14 @@ def clamp_to_image(boxes: Tensor, max_shape: Tensor) -> Tensor:
     return torch.minimum(boxes.clamp(min=0), torch.cat([max_xy, max_xy], dim=-1))
 
 
-DELTA_STDS = {"retinanet": (1.0, 1.0, 1.0, 1.0), "atss": (0.1, 0.1, 0.2, 0.2)}
+def anchor_grid(spec) -> AnchorGrid:
+    """A ModelSpec's anchors: octave base scale, scales per octave and ratios, centred at
+    (x * s, y * s) as MMDetection's AnchorGenerator (GFL, RetinaNet, ATSS)."""
+    return AnchorGrid(spec.strides, spec.octave_base_scale, spec.scales_per_octave,
+                      spec.anchor_ratios)  # fmt: skip
 
 
-def decode_boxes(
-    family: str,
-    priors: Tensor,
-    strides: Tensor,
-    box_preds: Tensor,
-    max_shape: Tensor | None = None,
-    reg_max: int = 16,
-) -> Tensor:
-    """A family's box predictions -> xyxy boxes in pixels, as MMDetection decodes them.
-
-    priors (..., 4) anchors (FCOS: zero-size boxes at the points); strides (...) per prior;
-    box_preds (..., K): GFL distribution logits (integral x stride from the anchor centre),
-    RetinaNet/ATSS deltas, FCOS pixel distances from the point. max_shape clamps (test time).
-    """
-    if family in DELTA_STDS:
-        return decode_deltas(priors, box_preds, DELTA_STDS[family], max_shape)
-    centers = (priors[..., :2] + priors[..., 2:]) / 2
-    if family == "gfl":
-        box_preds = integral(box_preds, reg_max) * strides[..., None]
-    return distance_to_bbox(centers, box_preds, max_shape)
+def point_grid(spec) -> AnchorGrid:
+    """A ModelSpec's points: one zero-size prior at each cell centre ((x + 0.5) * s, ...), as
+    MMDetection's MlvlPointGenerator (FCOS)."""
+    return AnchorGrid(spec.strides, octave_base_scale=0.0, center_offset=0.5)

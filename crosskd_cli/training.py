@@ -13,13 +13,14 @@ from torch import nn
 
 from crosskd_cli import __version__
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
-from crosskd_cli.config import Preset, resolve_distill, to_dict
-from crosskd_cli.criteria import build_criterion
+from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
-from crosskd_cli.distill import AdaptedStudent, Distiller, MethodParts, TapAdapter
+from crosskd_cli.distill import Distiller
 from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
 from crosskd_cli.errors import DataError, ModelError
 from crosskd_cli.evaluate import check_same_classes, predict
+from crosskd_cli.families import build_criterion, get_family
+from crosskd_cli.kd_terms import method_terms, resolve_distill
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
@@ -266,9 +267,11 @@ def distill_student(
     splits = load_splits(preset, data)
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
-    cfg = resolve_distill(preset.distill, spec.family)  # the family's KD weights, recorded
+    # the family's KD weights, recorded
+    cfg = resolve_distill(preset.distill, get_family(spec.family).kd_defaults)
     preset = dataclasses.replace(preset, distill=cfg)
-    bridged = cfg.adapter or not MethodParts.of(cfg.method).cross  # no cross branch: no taps
+    needs_taps = any(term.needs_taps for term in method_terms(cfg.method))
+    bridged = cfg.adapter or not needs_taps  # no cross branch: no taps to bridge
     check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path, bridged)
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
@@ -285,10 +288,9 @@ def distill_student(
         state_dict, _ = load_checkpoint(student_weights)
         load_state_into(student, state_dict, source=str(student_weights))
     distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
-    model = student
     teacher_width, student_width = tap_widths(teacher_meta.model, spec, cfg.cross_index)
-    if distiller.parts.cross and teacher_width != student_width:  # check_pair: adapter asked
-        model = AdaptedStudent(student, TapAdapter(student_width, teacher_width))
+    model, export = distiller.student_module(student, student_width, teacher_width)
+    if model is not student:  # check_pair made sure the adapter was asked for
         console.print(
             f"[dim]Tap adapter: 1x1 convs {student_width} -> {teacher_width} channels per "
             "tower, trained with the student, not exported.[/]"
@@ -301,9 +303,7 @@ def distill_student(
         "teacher_ap": teacher_ap,
         "distill": to_dict(cfg),
     }
-    job = Job("student", model, spec, distiller.step, training, distiller.loss_names())
-    if isinstance(model, AdaptedStudent):
-        job.export = AdaptedStudent.exported
+    job = Job("student", model, spec, distiller.step, training, distiller.loss_names(), export)
     return run_job(
         preset,
         data,

@@ -54,6 +54,7 @@ def test_each_subcommand_documents_its_options_and_an_example(command, option):
     assert option in result.output and "Example" in result.output
 
 
+PREDICTORS = ("cls_predictor", "box_predictor")
 HEAVY = ("torch", "torchvision", "accelerate")
 
 
@@ -123,18 +124,18 @@ def test_inspect_json_reports_shapes_reused_layers_and_compatibility():
     assert report["teacher"]["fpn_levels"][0] == [256, 100, 168]
     assert report["teacher"]["params"]["backbone"] > report["student"]["params"]["backbone"]
     reused = report["reused_teacher_layers"]
-    assert "cls_tower.3.conv" in reused and "gfl_cls" in reused and "scales.4" in reused
-    assert "cls_tower.2.conv" not in reused
+    assert "towers.cls.3.conv" in reused and "cls_predictor" in reused and "scales.4" in reused
+    assert "towers.cls.2.conv" not in reused
 
 
 @pytest.mark.parametrize(
     ("pair", "index", "predictors"),
     [
-        ("retinanet-r101-to-r50", 3, {"retina_cls", "retina_reg"}),
-        ("atss-r101-to-r50", 3, {"atss_cls", "atss_reg", "atss_centerness", "scales.0"}),
-        ("fcos-r101-to-r50", 2, {"conv_cls", "conv_reg", "conv_centerness", "scales.0"}),
-        ("retinanet-swint-to-r50", 3, {"retina_cls", "retina_reg"}),
-        ("retinanet-r50-to-mbv2", 3, {"retina_cls", "retina_reg"}),
+        ("retinanet-r101-to-r50", 3, set(PREDICTORS)),
+        ("atss-r101-to-r50", 3, {*PREDICTORS, "centerness_predictor", "scales.0"}),
+        ("fcos-r101-to-r50", 2, {*PREDICTORS, "centerness_predictor", "scales.0"}),
+        ("retinanet-swint-to-r50", 3, set(PREDICTORS)),
+        ("retinanet-r50-to-mbv2", 3, set(PREDICTORS)),
     ],
 )
 def test_inspect_shows_every_family_and_backbone_pair(pair, index, predictors):
@@ -142,10 +143,10 @@ def test_inspect_shows_every_family_and_backbone_pair(pair, index, predictors):
     assert report["compatible"] is True and report["cross_index"] == index
     reused = set(report["reused_teacher_layers"])
     assert predictors <= reused
-    assert f"cls_tower.{index}.conv" in reused and f"cls_tower.{index - 1}.conv" not in reused
+    assert f"towers.cls.{index}.conv" in reused and f"towers.cls.{index - 1}.conv" not in reused
     anchors = 9 if pair.startswith("retinanet") else 1
     assert report["teacher"]["fpn_levels"][0] == [256, 100, 168]
-    cls_rows = [r for r in report["teacher"]["layers"] if r["name"].endswith("_cls")]
+    cls_rows = [r for r in report["teacher"]["layers"] if r["name"] == "cls_predictor"]
     assert cls_rows[0]["shapes"][0][0] == anchors * 80
 
 
@@ -292,7 +293,7 @@ def test_a_narrower_student_head_needs_the_adapter_which_is_never_exported(teach
     state, meta = load_checkpoint(out / "best.safetensors")
     assert meta.model.head_channels == 32
     assert not any("adapter" in key for key in state)
-    assert state["head.cls_tower.0.conv.weight"].shape[0] == 32
+    assert state["head.towers.cls.0.conv.weight"].shape[0] == 32
 
 
 def test_distill_without_a_teacher_says_how_to_get_one():

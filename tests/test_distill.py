@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from crosskd_cli.config import DistillConfig
-from crosskd_cli.criteria import FlatOutputs, build_criterion
+from crosskd_cli.criteria import FlatOutputs
 from crosskd_cli.distill import (
     AdaptedStudent,
     Distiller,
-    MethodParts,
     TapAdapter,
     align_tap,
     cross_head_forward,
 )
-from crosskd_cli.errors import ModelError
+from crosskd_cli.errors import ModelError, PresetError
+from crosskd_cli.families import build_criterion
+from crosskd_cli.kd_terms import parse_method
 from crosskd_cli.models import build_detector
 from crosskd_cli.pairing import check_cross_index, pair_problems
 from crosskd_cli.specs import ModelSpec
@@ -85,13 +86,13 @@ def test_crosskd_gradient_reaches_blocks_up_to_i_but_never_the_later_blocks_or_p
     _, student, distiller = make_pair("crosskd", index)
     kd_only(distiller.step(student, make_batch())).backward()
     head = student.head
-    for tower in (head.cls_tower, head.reg_tower):
+    for tower in (head.towers["cls"], head.towers["reg"]):
         for k, block in enumerate(tower, start=1):
             if k <= index:
                 assert grads(block) > 0, f"block {k} should learn from the KD loss"
             else:
                 assert grads(block) == 0, f"block {k} must answer to the ground truth only"
-    for predictor in (head.gfl_cls, head.gfl_reg, head.scales):
+    for predictor in (head.cls_predictor, head.box_predictor, head.scales):
         assert grads(predictor) == 0
     assert grads(student.neck) > 0 and grads(student.backbone) > 0
 
@@ -99,8 +100,8 @@ def test_crosskd_gradient_reaches_blocks_up_to_i_but_never_the_later_blocks_or_p
 def test_crosskd_at_index_4_teaches_every_block_and_still_spares_the_predictors():
     _, student, distiller = make_pair("crosskd", 4)
     kd_only(distiller.step(student, make_batch())).backward()
-    assert all(grads(block) > 0 for block in student.head.cls_tower)
-    assert grads(student.head.gfl_cls) == 0 and grads(student.head.gfl_reg) == 0
+    assert all(grads(block) > 0 for block in student.head.towers["cls"])
+    assert grads(student.head.cls_predictor) == 0 and grads(student.head.box_predictor) == 0
 
 
 def test_a_narrower_student_learns_through_its_tap_adapter_up_to_block_i_only():
@@ -110,9 +111,9 @@ def test_a_narrower_student_learns_through_its_tap_adapter_up_to_block_i_only():
     adapted = AdaptedStudent(student, TapAdapter(32, 64))
     distiller = Distiller(teacher, build_criterion(STUDENT), DistillConfig(cross_index=2))
     kd_only(distiller.step(adapted, make_batch())).backward()
-    assert grads(adapted.adapter.cls) > 0 and grads(adapted.adapter.reg) > 0
-    assert grads(student.head.cls_tower[1]) > 0 and grads(student.head.cls_tower[2]) == 0
-    assert grads(student.head.gfl_cls) == 0
+    assert grads(adapted.adapter["cls"]) > 0 and grads(adapted.adapter["reg"]) > 0
+    assert grads(student.head.towers["cls"][1]) > 0 and grads(student.head.towers["cls"][2]) == 0
+    assert grads(student.head.cls_predictor) == 0
     assert AdaptedStudent.exported(adapted) is student
     assert not any("adapter" in key for key in student.state_dict())
 
@@ -122,15 +123,15 @@ def test_mimic_sends_kd_gradient_into_the_students_own_predictors():
     losses = distiller.step(student, make_batch())
     assert set(k for k in losses if k.startswith("kd_")) == {"kd_mimic_cls", "kd_mimic_box"}
     kd_only(losses).backward()
-    assert grads(student.head.gfl_cls) > 0 and grads(student.head.gfl_reg) > 0
+    assert grads(student.head.cls_predictor) > 0 and grads(student.head.box_predictor) > 0
 
 
 def test_index_0_feeds_the_fpn_features_to_the_whole_teacher_head():
     teacher, student, _ = make_pair()
     batch = make_batch()
     out = student(batch.images, batch.image_sizes, tap_index=0)
-    assert all(tap is feat for tap, feat in zip(out.head.cls_taps, out.features, strict=True))
-    assert all(tap is feat for tap, feat in zip(out.head.reg_taps, out.features, strict=True))
+    assert all(tap is feat for tap, feat in zip(out.head.taps["cls"], out.features, strict=True))
+    assert all(tap is feat for tap, feat in zip(out.head.taps["reg"], out.features, strict=True))
 
 
 def test_the_aligned_tap_has_the_teachers_per_channel_mean_and_std():
@@ -150,15 +151,7 @@ def test_cross_head_identity_same_model_without_alignment_gives_the_teachers_pre
     batch = make_batch()
     with torch.no_grad():
         out = teacher(batch.images, batch.image_sizes, tap_index=index)
-        cross = cross_head_forward(
-            teacher.head,
-            index,
-            out.head.cls_taps,
-            out.head.reg_taps,
-            out.head.cls_taps,
-            out.head.reg_taps,
-            align=False,
-        )
+        cross = cross_head_forward(teacher.head, index, out.head.taps, out.head.taps, align=False)
     for mine, theirs in zip(
         cross.cls_logits + cross.box_preds, out.head.cls_logits + out.head.box_preds, strict=True
     ):
@@ -198,11 +191,13 @@ def test_ablation_switches_drop_the_terms_they_name():
     }
 
 
-def test_unknown_method_lists_the_valid_ones():
-    with pytest.raises(ModelError) as info:
-        MethodParts.of("ld")
-    assert info.value.message == "Method 'ld' is not known."
-    assert "crosskd, mimic, pkd, crosskd+pkd, crosskd+mimic, none" in info.value.hint
+def test_a_method_is_parsed_into_kd_terms_and_an_unknown_term_is_named():
+    assert parse_method("pkd+crosskd") == ("crosskd", "pkd")  # the order losses are summed in
+    assert parse_method("none") == ()
+    with pytest.raises(PresetError) as info:
+        parse_method("crosskd+ld")
+    assert info.value.message == "Method 'crosskd+ld': 'ld' is not a KD term."
+    assert "Combine crosskd, mimic, pkd with '+'" in info.value.hint
 
 
 def test_gfl_kd_loss_normalises_cls_by_positives_and_box_by_the_soft_region_weights():
@@ -222,7 +217,8 @@ def test_gfl_kd_loss_normalises_cls_by_positives_and_box_by_the_soft_region_weig
         matched_idxs=torch.tensor([[-1, 0]]),
         num_pos=torch.tensor(2.0),
     )
-    losses = criterion.kd_losses(pred, teacher, targets, cfg, prefix="kd")
+    weights = {"cls": 1.0, "box": 4.0, "centerness": 0.0}
+    losses = criterion.kd_losses(pred, teacher, targets, cfg, weights, prefix="kd")
     # cls: location 0 teacher p=0.5, student p=0.5 -> |diff| = 0 -> 0.
     # location 1: teacher q = sigmoid(2) = 0.880797; student p = 0.5
     # BCE(0 logit, q) = ln 2 = 0.693147; x |0.5 - q| = 0.380797 -> 0.263948; / num_pos 2

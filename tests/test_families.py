@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from crosskd_cli.config import DistillConfig
-from crosskd_cli.criteria import build_criterion
 from crosskd_cli.distill import Distiller, cross_head_forward
+from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.models import build_detector
 from crosskd_cli.postprocess import postprocess
 from crosskd_cli.specs import ModelSpec
@@ -25,6 +25,7 @@ from crosskd_cli.targets import (
     encode_deltas,
     fcos_assign,
     max_iou_assign,
+    point_grid,
 )
 
 SMALL = dict(backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8)
@@ -96,7 +97,7 @@ def test_anchors_of_a_location_are_adjacent_and_shifted_by_the_stride():
 
 
 def test_fcos_points_sit_at_cell_centres():
-    points = AnchorGrid.from_spec(SPECS["fcos"])([(2, 2), (1, 1), (1, 1), (1, 1), (1, 1)])
+    points = point_grid(SPECS["fcos"])([(2, 2), (1, 1), (1, 1), (1, 1), (1, 1)])
     assert points.centers[:4].tolist() == [[4, 4], [12, 4], [4, 12], [12, 12]]
     assert points.centers[4].tolist() == [8, 8]  # stride 16, cell (0, 0)
 
@@ -200,7 +201,7 @@ def test_delta_coding_round_trips_and_clamps_the_size_ratio():
 def test_head_output_shapes(family):
     spec = SPECS[family]
     out = build_detector(spec)(make_batch().images)
-    anchors = spec.anchors_per_location
+    anchors = get_family(family).priors(spec).per_location
     assert [tuple(x.shape) for x in out.head.cls_logits][:2] == [
         (2, anchors * 3, 16, 16),
         (2, anchors * 3, 8, 8),
@@ -265,9 +266,7 @@ def test_a_student_identical_to_its_teacher_reproduces_the_teachers_predictions(
     torch.manual_seed(0)
     teacher = build_detector(SPECS[family]).eval()
     out = teacher(make_batch().images, tap_index=index).head
-    cross = cross_head_forward(
-        teacher.head, index, out.cls_taps, out.reg_taps, out.cls_taps, out.reg_taps
-    )
+    cross = cross_head_forward(teacher.head, index, out.taps, out.taps)
     for mine, theirs in zip(
         cross.cls_logits + cross.box_preds + cross.centerness,
         out.cls_logits + out.box_preds + out.centerness,
@@ -294,8 +293,8 @@ def test_distill_step_logs_the_familys_kd_terms_and_reaches_the_student_only(fam
     student.zero_grad()
     cross_terms = sum(v for k, v in distiller.step(student, make_batch()).items() if "cross" in k)
     cross_terms.backward()
-    assert student.head.cls_tower[0].conv.weight.grad.abs().sum() > 0
-    assert student.head.cls_tower[3].conv.weight.grad is None
+    assert student.head.towers["cls"][0].conv.weight.grad.abs().sum() > 0
+    assert student.head.towers["cls"][3].conv.weight.grad is None
 
 
 def test_family_kd_weights_are_the_authors_unless_set():

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from crosskd_cli.checkpoint import load_state_into
 from crosskd_cli.config import DistillConfig
-from crosskd_cli.criteria import build_criterion
 from crosskd_cli.distill import AdaptedStudent, Distiller, TapAdapter
+from crosskd_cli.families import build_criterion
 from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Batch, Target
@@ -92,8 +92,24 @@ CASES: dict[str, dict] = {
 CASE_IDS = [f"{family}/{case}" for family in FAMILIES for case in CASES]
 
 
-def v010_key(key: str) -> str:
-    """The crosskd 0.1.0 name of a current state-dict key; the identity until keys are renamed."""
+# crosskd 0.2 renamed the head's modules; 0.1.0 used MMDetection's predictor names per family
+V010_PREDICTORS = {
+    "cls_predictor": {"gfl": "gfl_cls", "retinanet": "retina_cls", "atss": "atss_cls",
+                      "fcos": "conv_cls"},
+    "box_predictor": {"gfl": "gfl_reg", "retinanet": "retina_reg", "atss": "atss_reg",
+                      "fcos": "conv_reg"},
+    "centerness_predictor": {"atss": "atss_centerness", "fcos": "conv_centerness"},
+}  # fmt: skip
+
+
+def v010_key(key: str, family: str = "gfl") -> str:
+    """The crosskd 0.1.0 name of a current state-dict key: `head.towers.cls.*` was
+    `head.cls_tower.*`, `head.cls_predictor.*` was `head.gfl_cls.*` (GFL) and so on."""
+    parts = key.split(".")
+    if parts[:2] == ["head", "towers"]:
+        return ".".join(["head", f"{parts[2]}_tower", *parts[3:]])
+    if len(parts) == 3 and parts[0] == "head" and parts[1] in V010_PREDICTORS:
+        return ".".join(["head", V010_PREDICTORS[parts[1]][family], parts[2]])
     return key
 
 
@@ -125,10 +141,10 @@ def golden_tensor(v010_name: str, shape: torch.Size, dtype: torch.dtype, seed: i
     return value.to(dtype)
 
 
-def fill_golden(model: nn.Module, seed: int) -> nn.Module:
+def fill_golden(model: nn.Module, seed: int, family: str = "gfl") -> nn.Module:
     """Overwrite every state-dict entry of `model` with `golden_tensor` of its 0.1.0 name."""
     state = {
-        key: golden_tensor(v010_key(key), value.shape, value.dtype, seed)
+        key: golden_tensor(v010_key(key, family), value.shape, value.dtype, seed)
         for key, value in model.state_dict().items()
     }
     load_state_into(model, state, source=f"golden weights (seed {seed})")
@@ -172,11 +188,11 @@ def models(family: str) -> tuple[Detector, Detector, Detector, TapAdapter]:
     training-mode forward never reads them, and gradients are cleared before each case.
     """
     spec = STUDENT_SPECS[family]
-    student = fill_golden(build_detector(spec), STUDENT_SEED).train()
+    student = fill_golden(build_detector(spec), STUDENT_SEED, family).train()
     teacher_spec = replace(spec, backbone=TEACHER_BACKBONE)
     wide_spec = replace(spec, head_channels=WIDE_HEAD)
     teachers = [
-        fill_golden(build_detector(s), seed).eval().requires_grad_(False)
+        fill_golden(build_detector(s), seed, family).eval().requires_grad_(False)
         for s, seed in ((teacher_spec, TEACHER_SEED), (wide_spec, WIDE_TEACHER_SEED))
     ]
     adapter = fill_golden(TapAdapter(spec.head_channels, WIDE_HEAD), ADAPTER_SEED)

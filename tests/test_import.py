@@ -37,9 +37,22 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+# MMDetection's predictor names per family (its GFLHead, RetinaHead, ATSSHead, FCOSHead),
+# written out here rather than read from crosskd, so the round trips test the importer's table
+MMDET_PREDICTORS = {
+    "gfl": {"cls_predictor": "gfl_cls", "box_predictor": "gfl_reg"},
+    "retinanet": {"cls_predictor": "retina_cls", "box_predictor": "retina_reg"},
+    "atss": {"cls_predictor": "atss_cls", "box_predictor": "atss_reg",
+             "centerness_predictor": "atss_centerness"},
+    "fcos": {"cls_predictor": "conv_cls", "box_predictor": "conv_reg",
+             "centerness_predictor": "conv_centerness"},
+}  # fmt: skip
+
+
 def mmdetection_layout(model) -> dict[str, torch.Tensor]:
-    """The model's weights under MMDetection's key names, as METHOD.md lists them."""
+    """The model's weights under MMDetection's key names (docs/method.md §5)."""
     state = {}
+    predictors = MMDET_PREDICTORS[model.spec.family]
     for key, value in model.state_dict().items():
         if key.startswith("backbone."):
             state[key] = value
@@ -48,13 +61,14 @@ def mmdetection_layout(model) -> dict[str, torch.Tensor]:
             state[f"neck.{group}.{index}.conv.{param}"] = value
         else:
             rest = key.removeprefix("head.")
-            block = re.fullmatch(r"(cls|reg)_tower\.(\d+)\.(conv|norm)\.(\w+)", rest)
+            block = re.fullmatch(r"towers\.(cls|reg)\.(\d+)\.(conv|norm)\.(\w+)", rest)
             if block:
                 tower, index, layer, param = block.groups()
                 layer = "gn" if layer == "norm" else "conv"
                 state[f"bbox_head.{tower}_convs.{index}.{layer}.{param}"] = value
-            else:  # gfl_cls.*, gfl_reg.*, scales.K.scale
-                state[f"bbox_head.{rest}"] = value
+            else:  # cls_predictor.* -> gfl_cls.*, ...; scales.K.scale
+                name, param = rest.split(".", 1)
+                state[f"bbox_head.{predictors.get(name, name)}.{param}"] = value
     if model.spec.family == "gfl":
         state["bbox_head.integral.project"] = torch.linspace(0, 16, 17)
     return state

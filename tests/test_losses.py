@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from crosskd_cli.criteria import build_criterion
 from crosskd_cli.criteria.gfl import LOSS_WEIGHTS
 from crosskd_cli.errors import ModelError
+from crosskd_cli.families import build_criterion
 from crosskd_cli.losses import (
     bce_kd_loss,
     distribution_focal_loss,
@@ -216,5 +216,5 @@ def test_loss_weights_live_in_one_table_matching_mmdetection_gfl():
 
 
 def test_build_criterion_refuses_an_unknown_head_family():
-    with pytest.raises(ModelError, match="No training losses for head family 'yolo'"):
+    with pytest.raises(ModelError, match="Unknown head family 'yolo'"):
         build_criterion(ModelSpec(family="yolo"))

@@ -15,13 +15,18 @@ from crosskd_cli.errors import ModelError
 from crosskd_cli.models import (
     FPN,
     DenseHead,
-    GFLHead,
     build_detector,
     count_parameters,
     load_torchvision_weights,
 )
 from crosskd_cli.models.backbones import resnet18
 from crosskd_cli.specs import ModelSpec
+
+
+def gfl_head(**kwargs) -> DenseHead:
+    """A GFL-shaped head: 4 x 17 box-distribution logits per location, per-level Scale."""
+    return DenseHead(box_channels=4 * 17, **kwargs)
+
 
 SMALL = ModelSpec(
     backbone="resnet18", num_classes=8, fpn_channels=64, head_channels=64, norm_groups=16
@@ -50,7 +55,7 @@ def test_small_detector_outputs_one_map_per_level_at_strides_8_to_128(small_dete
     assert [tuple(f.shape) for f in out.features] == [(2, 64, h, w) for h, w in sizes]
     assert [tuple(c.shape) for c in out.head.cls_logits] == [(2, 8, h, w) for h, w in sizes]
     assert [tuple(b.shape) for b in out.head.box_preds] == [(2, 68, h, w) for h, w in sizes]
-    assert out.head.cls_taps == [] and out.head.reg_taps == []
+    assert out.head.taps == {}
 
 
 def test_tap_zero_is_the_fpn_feature_and_later_taps_have_head_width():
@@ -61,9 +66,9 @@ def test_tap_zero_is_the_fpn_feature_and_later_taps_have_head_width():
     with torch.no_grad():
         out0 = detector(images, tap_index=0)
         out2 = detector(images, tap_index=2)
-    assert all(torch.equal(t, f) for t, f in zip(out0.head.cls_taps, out0.features, strict=True))
-    assert all(torch.equal(t, f) for t, f in zip(out0.head.reg_taps, out0.features, strict=True))
-    assert [tuple(t.shape) for t in out2.head.cls_taps] == [
+    assert all(torch.equal(t, f) for t, f in zip(out0.head.taps["cls"], out0.features, strict=True))
+    assert all(torch.equal(t, f) for t, f in zip(out0.head.taps["reg"], out0.features, strict=True))
+    assert [tuple(t.shape) for t in out2.head.taps["cls"]] == [
         (1, 64, 8, 12),
         (1, 64, 4, 6),
         (1, 64, 2, 3),
@@ -71,15 +76,15 @@ def test_tap_zero_is_the_fpn_feature_and_later_taps_have_head_width():
         (1, 64, 1, 1),
     ]
     # A pre-ReLU tap has negative values; a post-ReLU one would not
-    assert (out2.head.reg_taps[0] < 0).any()
+    assert (out2.head.taps["reg"][0] < 0).any()
 
 
 def test_tap_of_block_k_is_its_norm_output_before_the_relu():
     torch.manual_seed(0)
-    head = GFLHead(num_classes=3, in_channels=16, feat_channels=16, num_levels=1, norm_groups=4)
+    head = gfl_head(num_classes=3, in_channels=16, feat_channels=16, num_levels=1, norm_groups=4)
     x = torch.randn(1, 16, 6, 6)
-    _, tap = head.run_tower(head.cls_tower, x, tap_index=2)
-    block1, block2 = head.cls_tower[0], head.cls_tower[1]
+    _, tap = head.run_tower(head.towers["cls"], x, tap_index=2)
+    block1, block2 = head.towers["cls"][0], head.towers["cls"][1]
     expected = block2.norm(block2.conv(F.relu(block1.norm(block1.conv(x)))))
     assert torch.equal(tap, expected)
 
@@ -87,25 +92,25 @@ def test_tap_of_block_k_is_its_norm_output_before_the_relu():
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_forward_from_the_taps_of_block_i_reproduces_the_full_forward(index):
     torch.manual_seed(0)
-    head = GFLHead(num_classes=5, in_channels=32, feat_channels=32, num_levels=3, norm_groups=8)
+    head = gfl_head(num_classes=5, in_channels=32, feat_channels=32, num_levels=3, norm_groups=8)
     features = [torch.randn(2, 32, s, s) for s in (8, 4, 2)]
     with torch.no_grad():
         head.scales[1].scale.fill_(0.5)  # the continuation must apply each level's Scale
         full = head(features, tap_index=index)
         relu_if = F.relu if index > 0 else (lambda t: t)
-        cls_inputs = [relu_if(t) for t in full.cls_taps]
-        reg_inputs = [relu_if(t) for t in full.reg_taps]
-        cross = head.forward_from(index, cls_inputs, reg_inputs)
+        cls_inputs = [relu_if(t) for t in full.taps["cls"]]
+        reg_inputs = [relu_if(t) for t in full.taps["reg"]]
+        cross = head.forward_from(index, {"cls": cls_inputs, "reg": reg_inputs})
     assert all(torch.equal(a, b) for a, b in zip(cross.cls_logits, full.cls_logits, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(cross.box_preds, full.box_preds, strict=True))
 
 
 def test_forward_from_sends_gradients_through_frozen_weights_to_its_inputs():
     torch.manual_seed(0)
-    teacher = GFLHead(num_classes=3, in_channels=16, feat_channels=16, num_levels=1, norm_groups=4)
+    teacher = gfl_head(num_classes=3, in_channels=16, feat_channels=16, num_levels=1, norm_groups=4)
     teacher.requires_grad_(False)
     tap = torch.randn(1, 16, 4, 4, requires_grad=True)
-    cross = teacher.forward_from(2, [F.relu(tap)], [F.relu(tap)])
+    cross = teacher.forward_from(2, {"cls": [F.relu(tap)], "reg": [F.relu(tap)]})
     (cross.cls_logits[0].sum() + cross.box_preds[0].sum()).backward()
     assert tap.grad is not None and tap.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
@@ -117,7 +122,7 @@ def test_tap_index_outside_the_tower_is_refused_with_the_valid_range(small_detec
         small_detector.head(features, tap_index=5)
     assert err.value.hint.startswith("Use an index in 0..4")
     with pytest.raises(ModelError, match=r"cross index -1 is out of range"):
-        small_detector.head.forward_from(-1, features, features)
+        small_detector.head.forward_from(-1, {"cls": features, "reg": features})
 
 
 def test_head_refuses_a_wrong_number_of_levels(small_detector):
@@ -126,13 +131,12 @@ def test_head_refuses_a_wrong_number_of_levels(small_detector):
 
 
 def test_gfl_head_initialises_cls_bias_to_the_prior_and_scales_to_one():
-    head = GFLHead(num_classes=4, in_channels=32, feat_channels=32, norm_groups=8)
-    assert isinstance(head, DenseHead)
-    assert torch.allclose(head.gfl_cls.bias, torch.full((4,), -math.log(99.0)))
+    head = gfl_head(num_classes=4, in_channels=32, feat_channels=32, norm_groups=8)
+    assert torch.allclose(head.cls_predictor.bias, torch.full((4,), -math.log(99.0)))
     assert [s.scale.item() for s in head.scales] == [1.0] * 5
-    assert head.cls_tower[0].conv.bias is None
-    assert isinstance(head.reg_tower[3].norm, nn.GroupNorm)
-    assert head.reg_tower[3].norm.num_groups == 8
+    assert head.towers["cls"][0].conv.bias is None
+    assert isinstance(head.towers["reg"][3].norm, nn.GroupNorm)
+    assert head.towers["reg"][3].norm.num_groups == 8
 
 
 def test_fpn_first_extra_conv_reads_p5_output_or_c5():
@@ -186,7 +190,7 @@ def test_pixel_mean_and_std_are_not_in_the_state_dict(small_detector):
     assert "pixel_mean" not in keys and "pixel_std" not in keys
     assert "backbone.layer4.1.bn2.running_var" in keys
     assert "neck.fpn_convs.4.weight" in keys and "neck.lateral_convs.2.bias" in keys
-    assert "head.cls_tower.3.norm.weight" in keys and "head.scales.4.scale" in keys
+    assert "head.towers.cls.3.norm.weight" in keys and "head.scales.4.scale" in keys
 
 
 def test_backbone_weights_load_and_freeze_stem_and_layer1(resnet18_weights):
@@ -299,7 +303,7 @@ def test_r101_at_800x1344_has_the_expected_shapes_on_meta():
     sizes = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
     assert [tuple(c.shape) for c in out.head.cls_logits] == [(1, 80, h, w) for h, w in sizes]
     assert [tuple(b.shape) for b in out.head.box_preds] == [(1, 68, h, w) for h, w in sizes]
-    assert [tuple(t.shape) for t in out.head.cls_taps] == [(1, 256, h, w) for h, w in sizes]
+    assert [tuple(t.shape) for t in out.head.taps["cls"]] == [(1, 256, h, w) for h, w in sizes]
     assert out.head.box_preds[0].device.type == "meta"
 
 

@@ -88,6 +88,7 @@ def distill(
     gfl_r101.safetensors
     """
     from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.kd_terms import method_terms
     from crosskd_cli.runs import choose_run_dir
     from crosskd_cli.teachers import resolve_teacher
     from crosskd_cli.training import distill_student
@@ -110,7 +111,7 @@ def distill(
         f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
         f"[bold]{cfg.cross_index}[/] on [cyan]{source.spec}[/] -> {run.root}"
     )
-    if "crosskd" in cfg.method:
+    if any(term.needs_taps for term in method_terms(cfg.method)):
         blocks = spec.model.stacked_convs
         reused = (
             f"teacher blocks {cfg.cross_index + 1}..{blocks} + predictors"

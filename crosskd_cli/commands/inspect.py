@@ -142,7 +142,8 @@ def inspect(
     console.print(_head_table(teacher, f"Teacher head ({teacher_spec.backbone})", index, "teacher"))
     console.print(_head_table(student, f"Student head ({spec.model.backbone})", index, "student"))
     console.print(_params_table({"teacher": teacher.params, "student": student.params}))
-    console.print(_cross_summary(index, spec.model.stacked_convs, spec.model.family))
+    scaled = any(row.name.startswith("scales.") for row in teacher.layers)
+    console.print(_cross_summary(index, spec.model.stacked_convs, scaled))
     if adapter:
         console.print(
             f"Tap adapter: a 1x1 conv per tower maps the student's {student_width} channels to "
@@ -151,11 +152,9 @@ def inspect(
     if problems:
         console.print("[bold red]Incompatible pair:[/] " + "; ".join(problems))
     else:
-        priors = "points" if spec.model.family == "fcos" else "anchors"
-        reg_max = ", reg_max" if spec.model.family == "gfl" else ""
         console.print(
-            f"[bold green]Compatible:[/] same head family, classes, levels, strides, {priors}"
-            f"{reg_max} and tap width" + (" (through the adapter)." if adapter else ".")
+            "[bold green]Compatible:[/] same head family, classes, levels, strides, priors, "
+            "box coding and tap width" + (" (through the adapter)." if adapter else ".")
         )
     console.print(f"[dim]Presets: {', '.join(list_presets())}[/]")
 
@@ -227,8 +226,8 @@ def _params_table(params: dict[str, dict[str, int]]) -> Table:
     return table
 
 
-def _cross_summary(index: int, blocks: int, family: str) -> str:
-    predictors = "teacher predictors" + ("" if family == "retinanet" else " (Scale included)")
+def _cross_summary(index: int, blocks: int, scaled: bool) -> str:
+    predictors = "teacher predictors" + (" (Scale included)" if scaled else "")
     if index == blocks:
         return f"Cross branch: student tap {index} -> aligned -> ReLU -> {predictors} only."
     start = "the FPN feature" if index == 0 else f"student tap {index} -> aligned -> ReLU"

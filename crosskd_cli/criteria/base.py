@@ -2,7 +2,7 @@
 
 A criterion turns one detector's raw head outputs into (a) its ground-truth losses and (b),
 for the distiller, the family's prediction-mimicking losses between two sets of predictions
-on the same priors (METHOD.md §3). The per-level outputs are flattened once (`FlatOutputs`)
+on the same priors (docs/method.md §3). The per-level outputs are flattened once (`FlatOutputs`)
 and shared by both. Dense terms are computed over every prior and masked, which keeps the
 step free of data-dependent shapes and host syncs. Losses run in fp32 even under autocast:
 box decoding (exp, integral) in half precision would be off by whole pixels.
@@ -17,18 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crosskd_cli.config import DistillConfig, kd_weights
+from crosskd_cli.box_coders import BoxCoder
+from crosskd_cli.config import DistillConfig
 from crosskd_cli.losses import bce_kd_loss, giou_loss, qfl_kd_loss
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import HeadOutput, Target
-from crosskd_cli.targets import (
-    AnchorGrid,
-    AnchorSet,
-    DenseTargets,
-    decode_boxes,
-    flatten_levels,
-    pad_targets,
-)
+from crosskd_cli.targets import AnchorGrid, AnchorSet, DenseTargets, flatten_levels, pad_targets
 
 ReduceMean = Callable[[Tensor], Tensor]
 NORM_EPS = 1e-6
@@ -65,19 +59,30 @@ def identity(t: Tensor) -> Tensor:
 
 
 class DenseCriterion(ABC):
-    """Flatten, assign, GT losses and KD losses of one head family; holds no parameters."""
+    """Flatten, assign, GT losses and KD losses of one head family; holds no parameters.
 
-    def __init__(self, spec: ModelSpec, loss_weights: dict[str, float] | None = None) -> None:
+    Built by the family table (`crosskd_cli.families`) with the family's box coder and priors.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        box_coder: BoxCoder,
+        priors: AnchorGrid,
+        loss_weights: dict[str, float] | None = None,
+    ) -> None:
         self.spec = spec
         self.num_classes = spec.num_classes
-        self.priors = AnchorGrid.from_spec(spec)
+        self.box_coder = box_coder
+        self.priors = priors
         self.loss_weights = {**self.LOSS_WEIGHTS, **(loss_weights or {})}
 
     LOSS_WEIGHTS: dict[str, float] = {}  # the family's GT loss weights, keyed by logged name
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> DenseCriterion:
-        return cls(spec)
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """Refuse a model spec this family's targets cannot serve (called before building)."""
+        return  # most families serve any spec that builds
 
     def flatten(self, head_out: HeadOutput, image_sizes: Sequence[tuple[int, int]]) -> FlatOutputs:
         """Flatten every level once and attach the priors and the valid mask."""
@@ -146,13 +151,14 @@ class DenseCriterion(ABC):
         teacher: FlatOutputs,
         targets: DenseTargets,
         cfg: DistillConfig,
+        weights: dict[str, float],
         prefix: str,
         reduce_mean: ReduceMean | None = None,
     ) -> dict[str, Tensor]:
-        """METHOD.md §3 between predictions `pred` (cross-head or the student's own) and the
-        teacher's, on the same priors: `{prefix}_cls`, `{prefix}_box` and family extras."""
+        """docs/method.md §3 between predictions `pred` (cross-head or the student's own) and
+        the teacher's, on the same priors: `{prefix}_cls`, `{prefix}_box` and family extras,
+        each times its weight in `weights` ({"cls", "box", "centerness"})."""
         reduce_mean = reduce_mean or identity
-        weights = kd_weights(cfg, self.spec.family)
         with torch.autocast(pred.cls.device.type, enabled=False):
             pred, teacher = pred.float(), teacher.float()
             norm = self.kd_normalizer(targets)
@@ -173,9 +179,7 @@ class DenseCriterion(ABC):
 
     def decode(self, flat: FlatOutputs) -> Tensor:
         """(B, A, 4) boxes in pixels from the box predictions, unclamped (training decode)."""
-        return decode_boxes(
-            self.spec.family, flat.anchors.boxes, flat.strides, flat.box, reg_max=self.spec.reg_max
-        )
+        return self.box_coder.decode(flat.anchors.boxes, flat.strides, flat.box)
 
     # The box KD loss on decoded boxes: GIoU (RetinaNet, ATSS); FCOS uses -ln IoU
     box_kd_loss = staticmethod(giou_loss)
@@ -221,7 +225,7 @@ def cls_kd(student: Tensor, teacher: Tensor, label_weights: Tensor, cfg: Distill
 
 def region_weight(teacher_cls: Tensor, targets: DenseTargets, kind: str) -> Tensor:
     """(B, A) box-KD weights: soft = sigmoid(teacher's max class logit), hard = GT positives;
-    both masked by the label weights (METHOD.md §3)."""
+    both masked by the label weights (docs/method.md §3.2)."""
     if kind == "soft":
         region = torch.sigmoid(teacher_cls.detach().amax(dim=-1))
     else:

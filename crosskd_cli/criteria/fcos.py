@@ -6,8 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
+from crosskd_cli.errors import ModelError
 from crosskd_cli.losses import focal_loss, iou_loss
+from crosskd_cli.specs import ModelSpec
 from crosskd_cli.targets import (
+    FCOS_RANGES,
     DenseTargets,
     bbox_to_distance,
     build_targets,
@@ -21,12 +24,21 @@ class FCOSCriterion(DenseCriterion):
 
     Focal over every point / num_pos; -ln IoU on decoded positives weighted by their centerness
     targets / the sum of those targets; centerness BCE / num_pos; both counts averaged across
-    processes. KD (METHOD.md §3, the authors' FCOS override): cls KD and -ln IoU box KD, both
+    processes. KD (docs/method.md §3.6, the authors' FCOS override): cls KD and -ln IoU box KD, both
     divided by the centerness-target sum (floored at 1), nothing masked.
     """
 
     LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
     box_kd_loss = staticmethod(iou_loss)
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        if len(spec.strides) > len(FCOS_RANGES):
+            raise ModelError(
+                f"FCOS has regress ranges for {len(FCOS_RANGES)} levels, the spec lists "
+                f"{len(spec.strides)} strides.",
+                hint="Use strides (8, 16, 32, 64, 128) or fewer for FCOS.",
+            )
 
     def build_targets(
         self,

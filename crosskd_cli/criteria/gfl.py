@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from crosskd_cli.box_coders import DistributionCoder
 from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
 from crosskd_cli.losses import (
@@ -15,6 +16,7 @@ from crosskd_cli.losses import (
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.targets import (
     ATSS_TOPK,
+    AnchorGrid,
     DenseTargets,
     aligned_box_iou,
     atss_assign,
@@ -37,11 +39,13 @@ class GFLCriterion(DenseCriterion):
     def __init__(
         self,
         spec: ModelSpec,
+        box_coder: DistributionCoder,
+        priors: AnchorGrid,
         loss_weights: dict[str, float] | None = None,
         topk: int = ATSS_TOPK,
     ) -> None:
-        super().__init__(spec, loss_weights)
-        self.reg_max = spec.reg_max
+        super().__init__(spec, box_coder, priors, loss_weights)
+        self.reg_max = box_coder.reg_max
         self.topk = topk
 
     def build_targets(

@@ -7,13 +7,7 @@ from torch import Tensor
 
 from crosskd_cli.criteria.base import DenseCriterion, FlatOutputs, ReduceMean
 from crosskd_cli.losses import focal_loss
-from crosskd_cli.targets import (
-    DELTA_STDS,
-    DenseTargets,
-    build_targets,
-    encode_deltas,
-    max_iou_assign,
-)
+from crosskd_cli.targets import DenseTargets, build_targets, max_iou_assign
 
 
 def positive_boxes(flat: FlatOutputs, targets: DenseTargets) -> Tensor:
@@ -29,10 +23,6 @@ class RetinaNetCriterion(DenseCriterion):
     average, as MMDetection's AnchorHead). Box KD: the base's GIoU on decoded boxes / num_pos."""
 
     LOSS_WEIGHTS = {"loss_cls": 1.0, "loss_bbox": 1.0}
-
-    @property
-    def stds(self) -> tuple[float, ...]:
-        return DELTA_STDS[self.spec.family]
 
     def build_targets(
         self,
@@ -51,7 +41,7 @@ class RetinaNetCriterion(DenseCriterion):
         self, flat: FlatOutputs, targets: DenseTargets, reduce_mean: ReduceMean
     ) -> dict[str, Tensor]:
         loss_cls = focal_loss(flat.cls, targets.labels, targets.label_weights)
-        target_deltas = encode_deltas(flat.anchors.boxes, positive_boxes(flat, targets), self.stds)
+        target_deltas = self.box_coder.encode(flat.anchors.boxes, positive_boxes(flat, targets))
         l1 = (flat.box - target_deltas).abs().sum(-1) * targets.pos_mask
         w = self.loss_weights
         return {

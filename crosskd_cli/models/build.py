@@ -10,15 +10,12 @@ from typing import TypeVar
 from torch import nn
 
 from crosskd_cli.errors import ModelError
+from crosskd_cli.families import get_family
 from crosskd_cli.models import backbones, mobilenet, swin
-from crosskd_cli.models.atss_head import ATSSHead
 from crosskd_cli.models.backbones import Backbone, load_torchvision_weights
 from crosskd_cli.models.dense_head import DenseHead
 from crosskd_cli.models.detector import Detector
-from crosskd_cli.models.fcos_head import FCOSHead
 from crosskd_cli.models.fpn import FPN
-from crosskd_cli.models.gfl_head import GFLHead
-from crosskd_cli.models.retina_head import RetinaHead
 from crosskd_cli.specs import ModelSpec
 
 T = TypeVar("T")
@@ -36,50 +33,21 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def gfl_head(spec: ModelSpec) -> GFLHead:
-    """The GFL head of `spec`, reading FPN features of `spec.fpn_channels`."""
-    return GFLHead(**_common_head_args(spec), reg_max=spec.reg_max)
-
-
-def retina_head(spec: ModelSpec) -> RetinaHead:
-    """The RetinaNet head of `spec`: spec.anchors_per_location anchors, no norm unless asked."""
-    return RetinaHead(
+def build_head(spec: ModelSpec) -> DenseHead:
+    """The spec's dense head: the shared towers with its family's predictor options, box
+    channels from the family's box coder and one predictor set per prior of a location."""
+    family = get_family(spec.family)
+    return DenseHead(
         num_classes=spec.num_classes,
         in_channels=spec.fpn_channels,
         feat_channels=spec.head_channels,
         stacked_convs=spec.stacked_convs,
         num_levels=spec.num_levels,
-        num_anchors=spec.anchors_per_location,
         norm_groups=spec.norm_groups,
+        box_channels=family.box_coder(spec).box_channels,
+        num_anchors=family.priors(spec).per_location,
+        **family.head_options,
     )
-
-
-def atss_head(spec: ModelSpec) -> ATSSHead:
-    return ATSSHead(**_common_head_args(spec))
-
-
-def fcos_head(spec: ModelSpec) -> FCOSHead:
-    return FCOSHead(**_common_head_args(spec))
-
-
-def _common_head_args(spec: ModelSpec) -> dict:
-    return {
-        "num_classes": spec.num_classes,
-        "in_channels": spec.fpn_channels,
-        "feat_channels": spec.head_channels,
-        "stacked_convs": spec.stacked_convs,
-        "num_levels": spec.num_levels,
-        "norm_groups": spec.norm_groups,
-    }
-
-
-# family -> factory(spec)
-HEADS: dict[str, Callable[[ModelSpec], DenseHead]] = {
-    "gfl": gfl_head,
-    "retinanet": retina_head,
-    "atss": atss_head,
-    "fcos": fcos_head,
-}
 
 
 def lookup(table: dict[str, T], name: str, what: str) -> T:
@@ -108,11 +76,7 @@ def check_spec(spec: ModelSpec) -> None:
             "levels.",
             hint="Use (8, 16, 32, 64, 128) (P3-P7), or a prefix of at least (8, 16, 32).",
         )
-    if spec.family == "fcos" and len(spec.strides) > 5:
-        raise ModelError(
-            f"FCOS has regress ranges for 5 levels, the spec lists {len(spec.strides)} strides.",
-            hint="Use strides (8, 16, 32, 64, 128) or fewer for FCOS.",
-        )
+    get_family(spec.family).criterion.check_spec(spec)
     for name, value, low in (
         ("num_classes", spec.num_classes, 1),
         ("reg_max", spec.reg_max, 1),
@@ -134,7 +98,6 @@ def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) 
     """
     check_spec(spec)
     make_backbone = lookup(BACKBONES, spec.backbone, "backbone")
-    make_head = lookup(HEADS, spec.family, "head family")
     pretrained = backbone_weights is not None
     backbone = make_backbone(
         frozen_stages=spec.frozen_stages if pretrained else -1,
@@ -153,7 +116,7 @@ def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) 
         extra_convs_source=spec.extra_convs_source,
         relu_before_extra_convs=spec.relu_before_extra_convs,
     )
-    return Detector(backbone, neck, make_head(spec), spec)
+    return Detector(backbone, neck, build_head(spec), spec)
 
 
 def count_parameters(detector: Detector) -> dict[str, int]:

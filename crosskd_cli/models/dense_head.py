@@ -1,23 +1,26 @@
-"""The dense-head contract: two towers of named conv blocks, their taps, and partial forwards.
+"""The dense head of every family: towers of named conv blocks, their taps, partial forwards.
 
-Every head family (GFL, RetinaNet, ATSS, FCOS) subclasses `DenseHead` and only adds its
-predictors in `predict`. The cross-head forward of the distiller is then generic:
+GFL, RetinaNet, ATSS and FCOS differ only in their predictors' options (box channels, priors
+per location, a per-level Scale, where a centerness logit is read, exp on the distances), so
+one class serves all four; the family table (`crosskd_cli.families`) gives each its options.
+The cross-head forward of the distiller is then generic over families and towers:
 
-    student_out = student.head(student_features, tap_index=i)  # taps of block i, per level
-    cls_in = [relu(align(t)) if i > 0 else align(t) for t in student_out.cls_taps]  # reg alike
-    cross = teacher.head.forward_from(i, cls_in, reg_in)  # teacher blocks i+1.. and predictors
+    student_out = student.head(student_features, tap_index=i)  # {tower: taps of block i}
+    inputs = {tower: [relu(align(t)) ...] for tower, taps in student_out.taps.items()}
+    cross = teacher.head.forward_from(i, inputs)  # teacher blocks i+1.. and predictors
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
 
 from crosskd_cli.errors import ModelError
 from crosskd_cli.structures import HeadOutput
+
+TOWERS = ("cls", "reg")  # the classification tower feeds cls_predictor, the box tower the rest
 
 
 class ConvBlock(nn.Module):
@@ -71,47 +74,97 @@ def build_tower(
     )
 
 
-class DenseHead(nn.Module, ABC):
-    """Shared towers `cls_tower` / `reg_tower` run on every FPN level with shared weights.
+class DenseHead(nn.Module):
+    """Towers `towers["cls"]` / `towers["reg"]` and predictors, shared over the FPN levels.
 
     Tap index k in 0..stacked_convs: 0 is the FPN feature itself, k > 0 the pre-ReLU output of
-    block k (1-based). Subclasses build their predictors (`predictor_channels` inputs) and
-    implement `predict`.
+    block k (1-based), in every tower alike.
+
+    Predictors (3x3 convs on the towers' final outputs, ~N(0, 0.01)): `cls_predictor` ->
+    num_anchors * num_classes logits (bias at `prior_prob`) from the cls tower; `box_predictor`
+    -> num_anchors * box_channels from the reg tower, times the level's `scales[level]` when
+    `scaled`; `centerness_predictor` -> num_anchors logits from the `centerness_tower` (None: no
+    centerness). `box_fp32` casts the box output to fp32 after the Scale and `box_exp` then
+    applies exp, as MMDetection's ATSS and FCOS heads do under mixed precision.
     """
 
     def __init__(
         self,
+        num_classes: int,
         in_channels: int,
-        feat_channels: int,
-        stacked_convs: int,
-        num_levels: int,
-        norm_groups: int | None,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        num_levels: int = 5,
+        norm_groups: int | None = 32,
+        *,
+        box_channels: int = 4,
+        num_anchors: int = 1,
+        scaled: bool = True,
+        centerness_tower: str | None = None,
+        box_fp32: bool = False,
+        box_exp: bool = False,
+        prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
+        if centerness_tower not in (None, *TOWERS):
+            raise ModelError(
+                f"centerness_tower '{centerness_tower}' is not a tower of this head.",
+                hint=f"Use one of {TOWERS} or None.",
+            )
+        self.num_classes = num_classes
         self.in_channels = in_channels
         self.feat_channels = feat_channels
         self.stacked_convs = stacked_convs
         self.num_levels = num_levels
-        self.cls_tower = build_tower(in_channels, feat_channels, stacked_convs, norm_groups)
-        self.reg_tower = build_tower(in_channels, feat_channels, stacked_convs, norm_groups)
-        for block in [*self.cls_tower, *self.reg_tower]:
-            nn.init.normal_(block.conv.weight, std=0.01)
-            if block.conv.bias is not None:
-                nn.init.zeros_(block.conv.bias)
+        self.num_anchors = num_anchors
+        self.centerness_tower = centerness_tower
+        self.box_fp32 = box_fp32 or box_exp  # exp runs in fp32 so it cannot overflow
+        self.box_exp = box_exp
+        self.towers = nn.ModuleDict(
+            {name: build_tower(in_channels, feat_channels, stacked_convs, norm_groups)
+             for name in TOWERS}
+        )  # fmt: skip
+        for tower in self.towers.values():
+            for block in tower:
+                nn.init.normal_(block.conv.weight, std=0.01)
+                if block.conv.bias is not None:
+                    nn.init.zeros_(block.conv.bias)
+        # Creation order (cls, box, centerness, scales, then the inits) fixes the random
+        # initialisation: the same as MMDetection's heads, and as crosskd 0.1.0's.
+        channels = self.predictor_channels
+        self.cls_predictor = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
+        self.box_predictor = nn.Conv2d(channels, num_anchors * box_channels, 3, padding=1)
+        self.centerness_predictor = (
+            nn.Conv2d(channels, num_anchors, 3, padding=1) if centerness_tower else None
+        )
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels)) if scaled else None
+        init_predictor(self.cls_predictor, prior_prob)
+        init_predictor(self.box_predictor)
+        if self.centerness_predictor is not None:
+            init_predictor(self.centerness_predictor)
 
     @property
     def predictor_channels(self) -> int:
         """Channels the predictors read: the last block's, or the FPN's with no tower."""
         return self.feat_channels if self.stacked_convs > 0 else self.in_channels
 
-    @abstractmethod
-    def predict(
-        self, cls_feat: Tensor, reg_feat: Tensor, level: int
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Predictors on the towers' final outputs of one level.
+    def predict(self, feats: dict[str, Tensor], level: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Predictors on the towers' final outputs of one level, {tower: (B, C, H, W)}.
 
-        -> (cls_logits, box_preds, centerness logits or None for heads without one).
+        -> (cls logits, box predictions, centerness logits or None). The Scale comes before any
+        softmax or exp, as in MMDetection, so imported weights reproduce its predictions.
         """
+        box = self.box_predictor(feats["reg"])
+        if self.scales is not None:
+            box = self.scales[level](box)
+        if self.box_fp32:
+            box = box.float()
+        if self.box_exp:
+            box = box.exp()
+        centerness = None
+        if self.centerness_predictor is not None:
+            centerness = self.centerness_predictor(feats[self.centerness_tower])
+        return self.cls_predictor(feats["cls"]), box, centerness
 
     def check_index(self, index: int, name: str = "tap index") -> None:
         """Refuse an index outside 0..stacked_convs, naming the valid range."""
@@ -150,41 +203,47 @@ class DenseHead(nn.Module, ABC):
     def forward(self, features: list[Tensor], tap_index: int | None = None) -> HeadOutput:
         """Full head on every level; features: [P3..P7], each (B, in_channels, H_l, W_l).
 
-        With `tap_index`, cls_taps / reg_taps hold each level's tap at that index.
+        With `tap_index`, `taps[tower]` holds each level's tap at that index.
         """
         if tap_index is not None:
             self.check_index(tap_index)
         self._check_levels(len(features))
         out = HeadOutput([], [])
         for level, x in enumerate(features):
-            cls_feat, cls_tap = self.run_tower(self.cls_tower, x, 0, tap_index)
-            reg_feat, reg_tap = self.run_tower(self.reg_tower, x, 0, tap_index)
-            self._append(out, level, cls_feat, reg_feat)
-            if tap_index is not None:
-                out.cls_taps.append(cls_tap)
-                out.reg_taps.append(reg_tap)
+            feats = {}
+            for name, tower in self.towers.items():
+                feats[name], tap = self.run_tower(tower, x, 0, tap_index)
+                if tap_index is not None:
+                    out.taps.setdefault(name, []).append(tap)
+            self._append(out, level, feats)
         return out
 
-    def forward_from(
-        self, index: int, cls_inputs: list[Tensor], reg_inputs: list[Tensor]
-    ) -> HeadOutput:
+    def forward_from(self, index: int, inputs: dict[str, list[Tensor]]) -> HeadOutput:
         """Continue from block `index` on every level: run blocks index+1..n, then predict.
 
-        cls_inputs / reg_inputs: per level, what block index+1 receives (the caller applies ReLU
-        to taps when index > 0). index == stacked_convs runs the predictors only.
+        inputs: {tower: per level, what block index+1 receives} (the caller applies ReLU to
+        taps when index > 0). index == stacked_convs runs the predictors only.
         """
         self.check_index(index, "cross index")
-        self._check_levels(len(cls_inputs))
-        self._check_levels(len(reg_inputs))
+        if set(inputs) != set(self.towers):
+            raise ModelError(
+                f"forward_from got inputs for towers {sorted(inputs)}; the head has "
+                f"{sorted(self.towers)}.",
+                hint="Give one list of per-level inputs per tower.",
+            )
+        for per_level in inputs.values():
+            self._check_levels(len(per_level))
         out = HeadOutput([], [])
-        for level, (cls_x, reg_x) in enumerate(zip(cls_inputs, reg_inputs, strict=True)):
-            cls_feat, _ = self.run_tower(self.cls_tower, cls_x, index)
-            reg_feat, _ = self.run_tower(self.reg_tower, reg_x, index)
-            self._append(out, level, cls_feat, reg_feat)
+        for level in range(self.num_levels):
+            feats = {
+                name: self.run_tower(tower, inputs[name][level], index)[0]
+                for name, tower in self.towers.items()
+            }
+            self._append(out, level, feats)
         return out
 
-    def _append(self, out: HeadOutput, level: int, cls_feat: Tensor, reg_feat: Tensor) -> None:
-        cls_logits, box_preds, centerness = self.predict(cls_feat, reg_feat, level)
+    def _append(self, out: HeadOutput, level: int, feats: dict[str, Tensor]) -> None:
+        cls_logits, box_preds, centerness = self.predict(feats, level)
         out.cls_logits.append(cls_logits)
         out.box_preds.append(box_preds)
         if centerness is not None:
