@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from crosskd_cli import __version__
 from crosskd_cli.errors import CheckpointError
 from crosskd_cli.legacy import upgrade_keys
+from crosskd_cli.schema import METADATA, parse
 from crosskd_cli.specs import ModelSpec
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
@@ -49,8 +50,9 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<metadata>") -> CheckpointMeta:
-        """Strict parse: a missing or ill-typed field raises CheckpointError naming it and
-        `source`; unknown fields (from a newer crosskd) are ignored."""
+        """Strict parse under schema.METADATA: an ill-typed field, or a missing one that has no
+        default, raises CheckpointError naming it and `source`; unknown fields (from a newer
+        crosskd) are ignored."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -58,7 +60,7 @@ class CheckpointMeta:
                 f"Checkpoint '{source}' has unreadable crosskd metadata: {err}.",
                 hint="The file header is damaged; use another copy of the checkpoint.",
             ) from err
-        meta = _parse_dataclass(cls, data, "", source)
+        meta = parse(cls, data, where=source, policy=METADATA)
         _check_consistent(meta, source)
         return meta
 
@@ -83,62 +85,8 @@ def _major(version: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
-def _parse_dataclass(cls: type, data: Any, prefix: str, source: str) -> Any:
-    """Build dataclass `cls` from JSON data, checking each field against its type hint."""
-    if not isinstance(data, dict):
-        _bad_field(prefix.rstrip(".") or "metadata", "an object", data, source)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if f.name not in data:
-            raise CheckpointError(
-                f"Checkpoint '{source}' metadata lacks the field '{name}'.",
-                hint="It was not written by this crosskd; re-save it or import the weights.",
-            )
-        values[f.name] = _parse_value(data[f.name], hints[f.name], name, source)
-    return cls(**values)
-
-
-def _parse_value(value: Any, tp: Any, name: str, source: str) -> Any:
-    """One JSON value as type `tp` (str, int, float, bool, list[X], tuple[...], dict, a
-    dataclass); JSON arrays become tuples where the type says so, ints are accepted as floats."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _parse_dataclass(tp, value, name + ".", source)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            _bad_field(name, _type_name(tp), value, source)
-        if origin is list or args[-1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        elif len(value) != len(args):
-            _bad_field(name, _type_name(tp), value, source)
-        else:
-            item_types = list(args)
-        pairs = enumerate(zip(value, item_types, strict=True))
-        items = [_parse_value(v, t, f"{name}[{i}]", source) for i, (v, t) in pairs]
-        return items if origin is list else tuple(items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            _bad_field(name, "an object", value, source)
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    # bool is an int subclass: an int field must not accept true/false, nor a bool field 1.
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        _bad_field(name, _type_name(tp), value, source)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
-
-
 def _bad_field(name: str, expected: str, value: Any, source: str) -> typing.NoReturn:
-    raise CheckpointError(
-        f"Checkpoint '{source}' metadata field '{name}' should be {expected}, got {value!r}.",
-        hint="The metadata was edited or written by another tool; re-save the checkpoint.",
-    )
+    raise METADATA.type_error(source, name, expected, value)
 
 
 def _check_consistent(meta: CheckpointMeta, source: str) -> None:

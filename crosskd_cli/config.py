@@ -5,10 +5,7 @@ No torch here, so `crosskd --help` and preset errors stay instant.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,10 +14,13 @@ from typing import Any
 import yaml
 
 from crosskd_cli.errors import PresetError
+from crosskd_cli.schema import PRESET, parse, to_plain
 from crosskd_cli.specs import ModelSpec
 
 DEFAULT_PAIR = "gfl-r101-to-r50"  # what distill and inspect use when no --preset is given
 DEFAULT_TEACHER = "gfl-r101"  # the default pair's teacher preset: `crosskd teacher`'s default
+
+to_dict = to_plain  # the name training, inspect and run records import
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
     raw.setdefault("name", path.stem)
     for item in overrides or []:
         apply_override(raw, item)
-    preset = from_dict(Preset, raw, str(path))
+    preset = parse(Preset, raw, where=str(path), policy=PRESET)
     _check_method(preset.distill.method, str(path))
     return preset
 
@@ -205,99 +205,3 @@ def apply_override(raw: dict, item: str) -> None:
             raise PresetError(f"Override '{item}': '{part}' is not a section.")
         node = child
     node[parts[-1]] = value
-
-
-# ------------------------------------------------------------------ strict conversion
-
-
-def from_dict(cls: type, data: Any, where: str, path: str = "") -> Any:
-    """Build dataclass `cls` from `data`, naming the dotted path of any unknown or ill-typed key."""
-    if not isinstance(data, dict):
-        raise PresetError(
-            f"{where}: '{path or cls.__name__}' must be a mapping, got {data!r}.",
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = unknown[0]
-        dotted = f"{path}.{key}" if path else key
-        close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f"Did you mean '{close[0]}'?" if close else f"Valid keys: {', '.join(fields)}"
-        raise PresetError(f"{where}: unknown key '{dotted}'.", hint=hint)
-    kwargs = {}
-    for name, value in data.items():
-        dotted = f"{path}.{name}" if path else name
-        kwargs[name] = _convert(hints[name], value, where, dotted)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise PresetError(f"{where}: missing key '{path + '.' if path else ''}{missing[0]}'.")
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, where: str, dotted: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, where, dotted)
-            except PresetError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, dotted)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            _type_error(where, dotted, "a list", value)
-        item_type = args[0]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(
-                _convert(item_type, v, where, f"{dotted}[{i}]") for i, v in enumerate(value)
-            )
-        if len(value) != len(args):
-            _type_error(where, dotted, f"a list of {len(args)} items", value)
-        return tuple(
-            _convert(a, v, where, f"{dotted}[{i}]")
-            for i, (a, v) in enumerate(zip(args, value, strict=True))
-        )
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            _type_error(where, dotted, "a mapping", value)
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
-        return value
-    _type_error(where, dotted, tp.__name__, value)
-
-
-def _type_error(where: str, dotted: str, expected: str, value: Any) -> typing.NoReturn:
-    raise PresetError(
-        f"{where}: '{dotted}' must be {expected}, got {value!r}.",
-        hint=f"Fix it in the preset or with --set {dotted}=VALUE",
-    )
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj

@@ -199,6 +199,22 @@ def test_a_missing_metadata_field_is_named_with_the_file(tmp_path, field):
         read_meta(path)
 
 
+def test_metadata_from_an_older_crosskd_without_defaulted_fields_loads_with_their_defaults():
+    data = json.loads(make_meta().to_json())
+    del data["training"], data["metrics"]
+    meta = CheckpointMeta.from_json(json.dumps(data), source="old")
+    assert meta.training == {} and meta.metrics == {}
+    assert meta.model == make_meta().model and meta.image_scale == (192, 128)
+
+
+def test_metadata_without_the_model_spec_fails_naming_it(tmp_path):
+    path = write_raw(tmp_path / "old.safetensors", {"crosskd": meta_json_without("model")})
+    with pytest.raises(CheckpointError) as info:
+        read_meta(path)
+    assert info.value.message == f"Checkpoint '{path}' metadata lacks the field 'model'."
+    assert "re-save it or import the weights" in info.value.hint
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

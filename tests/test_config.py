@@ -138,6 +138,22 @@ def test_unknown_key_names_the_dotted_path_and_suggests_the_close_match():
     assert info.value.hint == "Did you mean 'epochs'?"
 
 
+def test_unknown_nested_key_in_a_preset_file_names_its_dotted_path_and_close_match(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  backbon: resnet34\n")
+    with pytest.raises(PresetError) as info:
+        load_preset(str(path))
+    assert info.value.message == f"{path}: unknown key 'model.backbon'."
+    assert info.value.hint == "Did you mean 'backbone'?"
+
+
+def test_unknown_key_inside_an_optional_section_is_named_too():
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r101-to-r50", ["teacher.wieghts=x.safetensors"])
+    assert "unknown key 'teacher.wieghts'" in info.value.message
+    assert info.value.hint == "Did you mean 'weights'?"
+
+
 def test_wrong_type_names_the_path_the_expected_type_and_the_value():
     with pytest.raises(PresetError) as info:
         load_preset("gfl-r50", ["train.epochs=many"])

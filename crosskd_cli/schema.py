@@ -1,0 +1,253 @@
+"""One strict parser from plain data (YAML, JSON) to typed dataclasses, under explicit policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from crosskd_cli.errors import CheckpointError, CrossKDError, PresetError
+
+_NONE = type(None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one kind of input may leave out or add, and how its errors read."""
+
+    raises: type[CrossKDError]
+    refuse_unknown: bool  # False: keys a newer writer added are skipped, so old code still reads
+    nested_defaults: bool  # False: only the top dataclass's own missing fields take defaults
+    describe: Callable[[Any], str]  # an expected type in the reader's words
+    root: str | None  # what messages call the top level; None = the class name
+    # Message templates, formatted with where, path, expected and value (a repr)
+    wrong_type: str
+    wrong_type_hint: str | None
+    missing: str
+    missing_hint: str | None
+    unknown: str = "{where}: unknown key '{path}'."
+
+    def type_error(
+        self, where: str, path: str, expected: str, value: Any, close: str | None = None
+    ) -> CrossKDError:
+        """The error for a value that is not `expected`; `close` is a likely intended value."""
+        message = self.wrong_type.format(
+            where=where, path=path, expected=expected, value=repr(value)
+        )
+        hint = self.wrong_type_hint and self.wrong_type_hint.format(path=path)
+        if close is not None:
+            hint = f"Did you mean {close!r}?" + (f" {hint}" if hint else "")
+        return self.raises(message, hint=hint)
+
+
+def yaml_words(tp: Any) -> str:
+    """A type as a preset author reads it: a mapping, a list of 2 items, int."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        # A preset author fixes the value, not the null: "float", not "float | None"
+        return yaml_words(next(a for a in args if a is not _NONE))
+    if origin is typing.Literal:
+        return _one_of(args)
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
+        return "a mapping"
+    if origin is tuple and args and not _variadic(args):
+        return f"a list of {len(args)} items"
+    if origin in (tuple, list) or tp in (tuple, list):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def python_words(tp: Any) -> str:
+    """A type as its hint reads, for JSON written by code: tuple[int, int], int | None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        return " | ".join("None" if a is _NONE else python_words(a) for a in args)
+    if origin is typing.Literal:
+        return _one_of(args)
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
+        return "an object"
+    return str(tp) if origin is not None else tp.__name__
+
+
+PRESET = Policy(
+    raises=PresetError,
+    refuse_unknown=True,  # a typo in a preset must not silently train the default instead
+    nested_defaults=True,  # presets list only what differs from the defaults
+    describe=yaml_words,
+    root=None,
+    wrong_type="{where}: '{path}' must be {expected}, got {value}.",
+    wrong_type_hint="Fix it in the preset or with --set {path}=VALUE",
+    missing="{where}: missing key '{path}'.",
+    missing_hint=None,
+)
+
+METADATA = Policy(
+    raises=CheckpointError,
+    refuse_unknown=False,  # fields a newer crosskd added must not stop this one reading the file
+    # Defaults stand in only for CheckpointMeta's own later additions (training, metrics): a
+    # ModelSpec field missing from a file is not guessed, as today's default may not be the
+    # architecture the weights were trained with.
+    nested_defaults=False,
+    describe=python_words,
+    root="metadata",
+    wrong_type="Checkpoint '{where}' metadata field '{path}' should be {expected}, got {value}.",
+    wrong_type_hint="The metadata was edited or written by another tool; re-save the checkpoint.",
+    missing="Checkpoint '{where}' metadata lacks the field '{path}'.",
+    missing_hint="It was not written by this crosskd; re-save it or import the weights.",
+)
+
+
+def parse(cls: type, data: Any, *, where: str, policy: Policy) -> Any:
+    """Dataclass `cls` built from plain `data`, checked field by field against its type hints;
+    a problem raises `policy.raises` naming `where` and the dotted path of the bad key."""
+    try:
+        return _build(cls, data, "", policy, top=True)
+    except _Problem as problem:
+        raise _explain(problem, where, policy.root or cls.__name__, policy) from None
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class _Problem(Exception):
+    """Raised inside the parser; `parse` words it by the policy once the path is known.
+
+    kind: "type" (value is not tp), "choice" (not one of a Literal's options), "missing" or
+    "unknown" (choices: the valid keys).
+    """
+
+    def __init__(self, kind: str, path: str, value: Any = None, tp: Any = None, choices=()):
+        super().__init__(kind, path)
+        self.kind, self.path, self.value, self.tp, self.choices = kind, path, value, tp, choices
+
+
+def _explain(problem: _Problem, where: str, root: str, policy: Policy) -> CrossKDError:
+    path = problem.path or root
+    if problem.kind == "missing":
+        message = policy.missing.format(where=where, path=path)
+        return policy.raises(message, hint=policy.missing_hint)
+    if problem.kind == "unknown":
+        valid = problem.choices
+        close = difflib.get_close_matches(str(problem.value), valid, n=1)
+        hint = f"Did you mean '{close[0]}'?" if close else f"Valid keys: {', '.join(valid)}"
+        return policy.raises(policy.unknown.format(where=where, path=path), hint=hint)
+    close = None
+    if problem.kind == "choice" and isinstance(problem.value, str):
+        options = [o for o in typing.get_args(problem.tp) if isinstance(o, str)]
+        matches = difflib.get_close_matches(problem.value, options, n=1)
+        close = matches[0] if matches else None
+    return policy.type_error(where, path, policy.describe(problem.tp), problem.value, close)
+
+
+def _build(cls: type, data: Any, path: str, policy: Policy, *, top: bool) -> Any:
+    if not isinstance(data, dict):
+        raise _Problem("type", path, data, cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if policy.refuse_unknown:
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            raise _Problem("unknown", _join(path, unknown[0]), unknown[0], choices=list(fields))
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _convert(hints[name], value, _join(path, name), policy)
+        for name, value in data.items()
+        if name in fields
+    }
+    fill = top or policy.nested_defaults
+    for name, f in fields.items():
+        if name not in kwargs and not (fill and _has_default(f)):
+            raise _Problem("missing", _join(path, name))
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
+    """`value` as type `tp`; arrays become tuples where `tp` says tuple."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        if value is None and _NONE in args:
+            return None
+        problems = []
+        for arg in (a for a in args if a is not _NONE):
+            try:
+                return _convert(arg, value, path, policy)
+            except _Problem as problem:
+                problems.append(problem)
+        if problems[0].kind == "type" and problems[0].path == path:
+            raise _Problem("type", path, value, tp)  # the value itself fits no member: name all
+        raise problems[0]  # a deeper key is wrong: name that one
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, policy, top=False)
+    if origin is typing.Literal:
+        # type() too, so that True does not pass for 1 nor 1.0 for 1
+        if any(value == option and type(value) is type(option) for option in args):
+            return value
+        raise _Problem("choice", path, value, tp)
+    if origin in (tuple, list) or tp in (tuple, list):
+        return _convert_array(tp, value, path, policy)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Problem("type", path, value, tp)
+        key_type, value_type = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            key_path = _join(path, k)
+            out[_convert(key_type, k, key_path, policy)] = _convert(value_type, v, key_path, policy)
+        return out
+    if tp not in (bool, int, float, str):
+        # a field type this parser was never taught: a bug in crosskd, not bad input
+        raise TypeError(f"schema cannot parse fields of type {tp!r} (at '{path}')")
+    # bool is an int subclass: an int field must refuse true/false, and a bool field 1 and 0
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and (tp is bool) == isinstance(value, bool):
+        return value
+    raise _Problem("type", path, value, tp)
+
+
+def _convert_array(tp: Any, value: Any, path: str, policy: Policy) -> Any:
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise _Problem("type", path, value, tp)
+    if origin is tuple and args and not _variadic(args):
+        if len(value) != len(args):
+            raise _Problem("type", path, value, tp)
+        item_types = list(args)
+    else:
+        item_types = [args[0] if args else Any] * len(value)
+    pairs = enumerate(zip(item_types, value, strict=True))
+    items = [_convert(t, v, f"{path}[{i}]", policy) for i, (t, v) in pairs]
+    return items if origin is list else tuple(items)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _variadic(args: tuple) -> bool:
+    return len(args) == 2 and args[1] is Ellipsis
+
+
+def _one_of(options: tuple) -> str:
+    return "one of " + ", ".join(repr(o) for o in options)
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
