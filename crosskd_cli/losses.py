@@ -170,7 +170,7 @@ def kl_box_kd_loss(
 
     student_logits, teacher_logits: (..., 4 * (reg_max + 1)) distribution logits (Scale
     applied, no integral); weight: (...) per location. KL summed over the bins, averaged over
-    the 4 sides, weighted, summed; the caller divides by the sum of weights (METHOD.md §3).
+    the 4 sides, weighted, summed; the caller divides by the sum of weights (docs/method.md §3.3).
     """
     shape = (4, reg_max + 1)
     log_student = F.log_softmax(student_logits.unflatten(-1, shape) / T, dim=-1)

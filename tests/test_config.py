@@ -27,7 +27,7 @@ def test_every_shipped_preset_loads_into_typed_dataclasses():
             assert load_preset(preset.teacher.preset).model.family == preset.model.family
 
 
-# METHOD.md §5, one row per pair preset:
+# docs/method.md §5, one row per pair preset:
 # preset: (teacher backbone, student backbone, method, cross index, the paper's AP key, AP)
 PAPER_PAIRS = {
     "gfl-r101-to-r50": ("resnet101", "resnet50", "crosskd", 3, "crosskd_coco_val_ap", 43.7),
