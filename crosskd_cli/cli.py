@@ -14,7 +14,7 @@ from typer.core import TyperCommand, TyperGroup
 from crosskd_cli import __version__
 from crosskd_cli.commands import distill, inspect, quickstart, teacher
 from crosskd_cli.commands import eval as eval_cmd
-from crosskd_cli.errors import CrossKDError
+from crosskd_cli.errors import CrossKDError, Interrupted
 
 err_console = Console(stderr=True)
 
@@ -55,7 +55,8 @@ app = typer.Typer(
 
 
 def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a CrossKDError into one red line plus a dim hint and exit code 2.
+    """Turn a CrossKDError into one red line plus a dim hint and exit code 2 (an `Interrupted`
+    run: a yellow line and 130/143, the codes of the signal that stopped it).
 
     Any other exception is a bug and keeps its traceback. CROSSKD_DEBUG=1 shows the traceback of
     user errors too.
@@ -68,10 +69,14 @@ def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CrossKDError as exc:
             if os.environ.get("CROSSKD_DEBUG"):
                 raise
-            err_console.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+            if isinstance(exc, Interrupted):  # a requested stop with its state saved
+                label, code = "[bold yellow]Interrupted:[/]", exc.exit_code
+            else:
+                label, code = "[bold red]Error:[/]", 2
+            err_console.print(f"{label} {exc.message}", markup=True, highlight=False)
             if exc.hint:
                 err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=code) from None
 
     return wrapper
 

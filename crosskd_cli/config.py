@@ -64,6 +64,12 @@ class TrainConfig:
     mixed_precision: str = "no"
     seed: int = 0  # model initialisation and data order
     log_interval: int = 10  # iterations between loss syncs for logging
+    # Save the resumable state every N iterations within an epoch too (0: at epoch ends only),
+    # so a kill mid-epoch loses at most N iterations; SIGTERM and Ctrl-C save at once
+    state_interval: int = 500
+    # A step whose loss (or gradient norm) is NaN/inf is skipped; this many in a row stop the
+    # run with the term named (checked at log intervals)
+    max_nonfinite_steps: int = 20
 
 
 @dataclass(frozen=True)

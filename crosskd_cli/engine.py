@@ -7,9 +7,8 @@ writes a checkpoint. The only module that imports accelerate.
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,10 +22,12 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor, nn
 
+from crosskd_cli import state_dir
 from crosskd_cli.config import TrainConfig
-from crosskd_cli.errors import PresetError, RunError
+from crosskd_cli.errors import Interrupted, PresetError, RunError
 from crosskd_cli.progress import progress_bar
-from crosskd_cli.runs import TRAINER_STATE, RunDir, append_results, write_json
+from crosskd_cli.runs import RunDir, append_results, keep_results_until
+from crosskd_cli.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
 
 StepFn = Callable[[nn.Module, Any], dict[str, Tensor]]
 EvalFn = Callable[[nn.Module], dict[str, Any]]
@@ -179,14 +180,81 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         )
     else:
         groups[0]["params"] += special
+    # fused: one kernel per step, and it honours `found_inf` (NonFiniteGuard) on the device
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer != "sgd":
         raise PresetError(
             f"train.optimizer '{cfg.optimizer}' is not known.",
             hint=f"Use one of: {', '.join(OPTIMIZERS)} (e.g. --set train.optimizer=sgd).",
         )
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
+    )
+
+
+class StopRequest:
+    """SIGTERM (batch schedulers, `timeout`, Kubernetes) and a first Ctrl-C only set a flag:
+    the loop finishes the step it is in, saves the state and exits 143 / 130. A second Ctrl-C
+    stops at once, without saving (the last saved state stays)."""
+
+    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals need the main one
+            for signum in self.CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signum = self.signum or signum
+
+    @property
+    def exit_code(self) -> int:
+        return self.CODES.get(self.signum, 130)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop request"
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite, on the device.
+
+    The optimizer (fused SGD/AdamW) reads `found_inf` and leaves parameters and momentum
+    untouched when it is 1, as under GradScaler, without a host-device sync per step; the
+    counts are read at log intervals. fp16 runs keep Accelerate's GradScaler, which skips by
+    itself; the guard then only counts.
+    """
+
+    def __init__(self, optimizer: Any, device: torch.device, scaler_skips: bool) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+        self.optimizer = None if scaler_skips else inner
+        zero = torch.zeros((), device=device)
+        self.found, self.streak, self.total = zero.clone(), zero.clone(), zero.clone()
+
+    def check(self, losses: dict[str, Tensor], grad_norm: Tensor | None) -> Tensor:
+        """found (0-d float, 1.0 = skip this step) from the step's losses and gradient norm."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        finite = torch.isfinite(values).all()
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        self.found = (~finite).float()
+        self.streak = (self.streak + self.found) * self.found
+        self.total += self.found
+        if self.optimizer is not None:
+            self.optimizer.found_inf = self.found
+        return self.found
 
 
 class Trainer:
@@ -208,6 +276,7 @@ class Trainer:
         self.state = TrainerState()
         self._pending_row: dict[str, Any] = {}  # the epoch's losses, written after evaluation
         self.resume_hint = resume_hint  # the command that resumes this run, shown on interruption
+        self.stop = StopRequest()
 
     def reduce_mean(self, value: Tensor) -> Tensor:
         """Average a tensor over processes (loss normalisers such as the positive count)."""
@@ -224,9 +293,11 @@ class Trainer:
         return self.accelerator.autocast()
 
     def prepare_frozen(self, model: nn.Module) -> nn.Module:
-        """Place a frozen model (the teacher): on the device, eval mode, never DDP-wrapped."""
+        """Place a frozen model (the teacher): on the device, eval mode, no grad, never
+        DDP-wrapped and never registered with Accelerate, so it is not part of the resumable
+        state: it is an input of the run, re-read from its file on resume."""
         model.requires_grad_(False)
-        return self.accelerator.prepare_model(model.eval(), evaluation_mode=True)
+        return model.eval().to(self.accelerator.device)
 
     def fit(
         self,
@@ -258,81 +329,123 @@ class Trainer:
         )
         if resume:
             self._load_state()
+        guard = NonFiniteGuard(optimizer, acc.device, scaler_skips=self.precision == "fp16")
         watcher = ZeroWatch(watch_zero)
         if self.precision != "no" and self.is_main:
             self.console.print(f"[dim]Training steps in {self.precision} mixed precision.[/]")
-        with self._progress() as progress:
+        with self.stop, self._progress() as progress:
             task = progress.add_task(
                 "train", total=total, completed=self.state.iteration, losses=""
             )
+            loop = _Loop(model, step_fn, train_loader, optimizer, scheduler, total, guard)
             while self.state.iteration < total:
-                self._train_epoch(
-                    model,
-                    step_fn,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    total,
-                    progress,
-                    task,
-                    watcher,
-                )
+                self._train_epoch(loop, progress, task, watcher)
                 if self.state.epoch_step >= iters_per_epoch or self.state.iteration >= total:
                     self._end_epoch(model, evaluate_fn, save_fn, total)
+                if self._stop_agreed():
+                    self._stop_now()
         return self.state
 
     # --------------------------------------------------------------------- one epoch
 
-    def _train_epoch(
-        self, model, step_fn, loader, optimizer, scheduler, total, progress, task, watcher
-    ) -> None:
+    def _train_epoch(self, loop: _Loop, progress, task, watcher) -> None:
         acc, cfg, state = self.accelerator, self.cfg, self.state
+        loader = loop.loader
         loader.set_epoch(state.epoch)
         batches = acc.skip_first_batches(loader, state.epoch_step) if state.epoch_step else loader
         sums: dict[str, Tensor] = {}
-        count = 0
+        kept = torch.zeros((), device=acc.device)  # steps whose losses count in the means
         started = time.perf_counter()
-        model.train()
-        try:
-            for batch in batches:
-                with self.autocast():
-                    losses = step_fn(model, batch)
-                loss = sum(losses.values())
-                acc.backward(loss)
-                if cfg.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0) + value.detach()
-                count += 1
-                state.iteration += 1
-                state.epoch_step += 1
-                if state.iteration % cfg.log_interval == 0 or state.iteration == total:
-                    means = {k: (v / count).item() for k, v in sums.items()}  # the one sync
-                    watcher.check(means, state.iteration, self.console if self.is_main else None)
-                    progress.update(task, completed=state.iteration, losses=_loss_text(means))
-                if state.iteration >= total:
-                    break
-        except KeyboardInterrupt:
-            state.wall_time += time.perf_counter() - started
-            self._save_state()
-            raise RunError(
-                f"Interrupted at epoch {state.epoch + 1}, iteration {state.iteration}; "
-                f"state saved in {self.run.state}.",
-                hint=f"Resume with: {self.resume_hint}",
-            ) from None
+        loop.model.train()
+        for batch in batches:
+            with self.autocast():
+                losses = loop.step_fn(loop.model, batch)
+            acc.backward(sum(losses.values()))
+            norm = None
+            if cfg.grad_clip:
+                norm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
+            found = loop.guard.check(losses, norm)
+            loop.optimizer.step()
+            loop.scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            for name, value in losses.items():  # a skipped step's terms stay out of the means
+                value = torch.where(found > 0, 0.0, value.detach().float())
+                sums[name] = sums.get(name, 0) + value
+            kept += 1 - found
+            state.iteration += 1
+            state.epoch_step += 1
+            if state.iteration % cfg.log_interval == 0 or state.iteration == loop.total:
+                means = {k: (v / kept).item() for k, v in sums.items()}  # the one sync
+                self._check_finite(loop.guard, losses)
+                watcher.check(means, state.iteration, self.console if self.is_main else None)
+                progress.update(task, completed=state.iteration, losses=_loss_text(means))
+            if state.iteration >= loop.total or state.epoch_step >= len(loader):
+                break
+            if self._stop_agreed():
+                state.wall_time += time.perf_counter() - started
+                self._stop_now()
+            if cfg.state_interval and state.iteration % cfg.state_interval == 0:
+                state.wall_time += time.perf_counter() - started
+                started = time.perf_counter()
+                self._save_state()
         state.wall_time += time.perf_counter() - started
-        if count:
+        if sums:
             row = {
                 "epoch": state.epoch + 1,
                 "iteration": state.iteration,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": loop.scheduler.get_last_lr()[0],
             }
-            row.update({k: (v / count).item() for k, v in sums.items()})
+            row.update({k: (v / kept).item() for k, v in sums.items()})
+            row["skipped_steps"] = int(loop.guard.total.item())
             row["seconds"] = round(state.wall_time, 1)
             self._pending_row = row
+
+    def _check_finite(self, guard: NonFiniteGuard, losses: dict[str, Tensor]) -> None:
+        """At a log interval: stop a run whose steps have all been skipped for too long."""
+        streak = int(guard.streak.item())
+        if streak < self.cfg.max_nonfinite_steps:
+            return
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).item()]
+        what = ", ".join(bad) if bad else "the gradient norm"
+        last = read_marker(self.run.state)
+        good = (
+            f"the last good state is {self.run.state} (iteration {last['iteration']})"
+            if last
+            else "no state was saved yet"
+        )
+        if self.run.best.exists():
+            good += f", the best checkpoint {self.run.best}"
+        raise RunError(
+            f"Training diverged: {what} was not finite in the last {streak} steps (up to "
+            f"iteration {self.state.iteration}); those steps were skipped. {good[0].upper()}"
+            f"{good[1:]}.",
+            hint="Lower train.lr or raise train.warmup_iters, then resume or start again "
+            "(train.max_nonfinite_steps sets the patience).",
+        )
+
+    def _stop_agreed(self) -> bool:
+        """Has any process been asked to stop? All processes must stop at the same step, so
+        with several they agree through one small all-reduce, at log intervals only."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.stop.signum is not None
+        if self.state.iteration % self.cfg.log_interval:
+            return False
+        flag = torch.tensor(float(self.stop.signum or 0), device=acc.device)
+        agreed = acc.reduce(flag, reduction="sum").item()
+        if agreed and self.stop.signum is None:
+            self.stop.signum = signal.SIGTERM  # another process was told: stop as it does
+        return bool(agreed)
+
+    def _stop_now(self) -> None:
+        self._save_state()
+        state = self.state
+        raise Interrupted(
+            f"Stopped by {self.stop.name} at epoch {state.epoch + 1}, iteration "
+            f"{state.iteration}; the state is saved in {self.run.state}.",
+            hint=f"Resume with: {self.resume_hint}",
+            exit_code=self.stop.exit_code,
+        )
 
     def _end_epoch(self, model, evaluate_fn, save_fn, total) -> None:
         state, cfg = self.state, self.cfg
@@ -365,34 +478,71 @@ class Trainer:
     # ----------------------------------------------------------------- state on disk
 
     def _save_state(self) -> None:
-        """Save Accelerate's full state (model, optimizer, RNG...) plus ours, swapped in whole."""
-        acc = self.accelerator
-        tmp = self.run.state.with_name(self.run.state.name + ".tmp")
+        """Accelerate's full state (model, optimizer, scheduler, RNG...) plus ours, written
+        beside the current state and swapped in by renames (`state_dir`): a kill at any
+        instant leaves a complete state; a failed write keeps the previous one."""
+        acc, state_path = self.accelerator, self.run.state
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-save
+            recover(state_path)
+            fresh_tmp(state_path)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process has written its part (its RNG state) first
+        written = 1.0
+        try:
+            state_dir.on_step("write")
+            acc.save_state(str(tmp_of(state_path)))
+        except OSError as err:
+            written, failure = 0.0, err
+        flag = torch.tensor(written, device=acc.device)
+        if acc.num_processes > 1:  # every process must have written its part (its RNG)
+            flag = acc.reduce(flag, reduction="sum") / acc.num_processes
+        if flag.item() < 1.0:
+            if self.is_main:
+                abandon(state_path)
+            last = read_marker(state_path)
+            kept = f"iteration {last['iteration']}" if last else "none saved yet"
+            reason = failure if written == 0.0 else "another process could not write its part"
+            raise RunError(
+                f"Could not save the resumable state in {tmp_of(state_path)}: {reason}. The "
+                f"previous state in {state_path} is kept ({kept}).",
+                hint="Free disk space (or fix the folder's permissions), then resume.",
+            )
         if self.is_main:
-            write_json(tmp / TRAINER_STATE, asdict(self.state))
-            old = self.run.state.with_name(self.run.state.name + ".old")
-            if self.run.state.exists():
-                self.run.state.rename(old)
-            tmp.rename(self.run.state)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
+            commit(state_path, asdict(self.state))
+            keep_results_until(self.run, self.state.epoch)
         acc.wait_for_everyone()
 
     def _load_state(self) -> None:
+        marker = recover(self.run.state) if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        marker = marker or read_marker(self.run.state)
+        if marker is None:
+            raise RunError(
+                f"--resume: {self.run.state} holds no complete state.",
+                hint="Start a new run without --resume.",
+            )
         self.accelerator.load_state(str(self.run.state))
-        data = json.loads((self.run.state / TRAINER_STATE).read_text())
-        self.state = TrainerState(**data)
+        self.state = TrainerState(**marker)
+        if self.is_main:  # rows of epochs the restored state has not finished are redone
+            keep_results_until(self.run, self.state.epoch)
 
     def _progress(self) -> Progress:
         """The live bar, on the main process of a terminal; logs get `epoch_line`s instead
         (a bar rendered once into a file is one truncated line)."""
         live = self.is_main and self.console.is_terminal
         return progress_bar(self.console, disable=not live, losses=True)
+
+
+@dataclass
+class _Loop:
+    """What every epoch of one `fit` runs with."""
+
+    model: nn.Module
+    step_fn: StepFn
+    loader: Any
+    optimizer: Any
+    scheduler: Any
+    total: int
+    guard: NonFiniteGuard
 
 
 class ZeroWatch:
@@ -429,6 +579,6 @@ def epoch_line(row: dict[str, Any], iteration: int, total: int) -> str:
 
 
 def _loss_text(means: dict[str, float]) -> str:
-    total = sum(v for v in means.values() if math.isfinite(v))
+    total = sum(means.values())  # a NaN term makes the total NaN: never hidden
     parts = [f"loss {total:.3f}"] + [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items()]
     return " ".join(parts)

@@ -33,3 +33,14 @@ class CheckpointError(CrossKDError):
 
 class RunError(CrossKDError):
     """A run folder that already exists, cannot be resumed, or cannot be written."""
+
+
+class Interrupted(CrossKDError):
+    """A run stopped on request (SIGTERM, Ctrl-C) after saving its state: not an error, so it
+    is shown as such and exits with the signal's conventional code (143, 130)."""
+
+    label = "Interrupted"
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 130) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code

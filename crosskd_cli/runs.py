@@ -13,9 +13,10 @@ from typing import Any
 import yaml
 
 from crosskd_cli.errors import RunError
+from crosskd_cli.state_dir import MARKER as TRAINER_STATE
+from crosskd_cli.state_dir import old_of, read_marker, tmp_of
 
 STATE_DIR = "last"  # full resumable state (Accelerate save_state + trainer_state.json)
-TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class RunDir:
         return self.root / "metrics.json"
 
     def has_state(self) -> bool:
-        return (self.state / TRAINER_STATE).is_file()
+        """A complete resumable state, possibly still to be recovered after a kill mid-save."""
+        state = self.state
+        return any(read_marker(f) for f in (state, tmp_of(state), old_of(state)))
 
 
 def choose_run_dir(
@@ -113,6 +116,25 @@ def append_results(run: RunDir, row: dict[str, Any]) -> None:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, run.results)
+
+
+def keep_results_until(run: RunDir, epoch: int) -> None:
+    """Drop the rows of epochs after `epoch`: written before a kill, they are written again
+    when the resumed run finishes those epochs (so every epoch has one row)."""
+    if not run.results.exists():
+        return
+    with run.results.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if int(r.get("epoch") or 0) <= epoch]
+    if len(kept) == len(rows):
+        return
+    tmp = run.results.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(kept)
     os.replace(tmp, run.results)
 
 
