@@ -352,6 +352,8 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         loader = loop.loader
         loader.set_epoch(state.epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # per-sample augmentation keyed by epoch
+            loader.dataset.set_epoch(state.epoch, cfg.seed)
         batches = acc.skip_first_batches(loader, state.epoch_step) if state.epoch_step else loader
         sums: dict[str, Tensor] = {}
         kept = torch.zeros((), device=acc.device)  # steps whose losses count in the means

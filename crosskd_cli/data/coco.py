@@ -186,6 +186,9 @@ class CocoDetection(Dataset):
         self.skip_bad_images = skip_bad_images
         self.skipped: set[int] = set()
         self.transforms = build_transforms(train, scale, flip_prob, short_sides)
+        # (seed, epoch) of the random augmentation, in shared memory so that persistent
+        # DataLoader workers see each new epoch (see `set_epoch`)
+        self._augment_key = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._check_files_exist()
         # Multi-scale: keep a box if it survives the largest scale; smaller draws drop it later
         largest = scale if short_sides is None or not train else (max(scale), short_sides[1])
@@ -196,6 +199,15 @@ class CocoDetection(Dataset):
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
+
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Key the random augmentation (flip, multi-scale) of every sample of this epoch.
+
+        A sample's draws depend on (seed, epoch, index) alone, not on which worker or process
+        loads it nor on what was loaded before: a run resumed mid-epoch (or run with another
+        number of workers) augments every image exactly as an uninterrupted one.
+        """
+        self._augment_key.copy_(torch.tensor([seed, epoch]))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -247,7 +259,8 @@ class CocoDetection(Dataset):
         for offset in range(len(self.image_ids)):
             image_id = self.image_ids[(index + offset) % len(self.image_ids)]
             try:
-                return self._sample(image_id)
+                with self._seeded(index):
+                    return self._sample(image_id)
             except DataError:
                 if not self.skip_bad_images:
                     raise
@@ -256,6 +269,18 @@ class CocoDetection(Dataset):
             f"No image in {self.image_dir} could be read.",
             hint="Check the image folder; every image failed to decode.",
         )
+
+    @contextlib.contextmanager
+    def _seeded(self, index: int):
+        """torch's RNG, seeded from (seed, epoch, index) for this sample only (training)."""
+        if not self.train:
+            yield
+            return
+        seed, epoch = self._augment_key.tolist()
+        entropy = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(entropy))
+            yield
 
     def _sample(self, image_id: int) -> tuple[Tensor, Target]:
         image = read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])

@@ -1,0 +1,157 @@
+"""Runs that survive: SIGTERM, SIGKILL mid-save and diverging losses, in real `crosskd` processes.
+
+Each run is a child process (a signal must hit a real process) started through a small driver
+that installs one hook, then runs the CLI: SIGTERM to itself at a given training step, or
+SIGKILL just before a given file-system step of a state save (`state_dir.on_step`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parent.parent
+DATA = "builtin:shapes:images=24,val=8,size=96"
+TINY = [
+    "--data", DATA, "--set", "train.batch_size=4", "--set", "train.eval_batch_size=4",
+    "--set", "data.scale=[96,96]", "--set", "train.warmup_iters=2",
+    "--set", "train.max_iters=9", "--set", "train.log_interval=1",
+]  # fmt: skip  # 6 iterations per epoch: 9 iterations end inside the second epoch
+
+DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from crosskd_cli import engine, state_dir
+
+    action, at, *args = sys.argv[1:]
+    seen = {"steps": 0, "saves": 0}
+
+    if action == "sigterm":  # at the start of training step `at` (1-based)
+        check = engine.NonFiniteGuard.check
+        def counting(self, losses, norm):
+            seen["steps"] += 1
+            if seen["steps"] == int(at):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return check(self, losses, norm)
+        engine.NonFiniteGuard.check = counting
+    elif action.startswith("kill-before-"):  # the `at`-th save's step named after the prefix
+        step = action.removeprefix("kill-before-")
+        def hook(name):
+            seen["saves"] += name == "write"
+            if name == step and seen["saves"] == int(at):
+                os.kill(os.getpid(), signal.SIGKILL)
+        state_dir.on_step = hook
+
+    from crosskd_cli.cli import app
+    app(args, prog_name="crosskd")
+    """
+)
+
+
+def crosskd(*args: str, action: str = "none", at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, action, str(at), *args],
+        env=env, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+
+
+def teacher_run(out: Path, *extra: str, action: str = "none", at: int = 0):
+    return crosskd(
+        "teacher", "--preset", "shapes-gfl-r18", *TINY, *extra, "--out", str(out),
+        action=action, at=at,
+    )  # fmt: skip
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_file(str(a)), load_file(str(b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def epochs_in(results: Path) -> list[int]:
+    with results.open(newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("survive") / "straight"
+    done = teacher_run(out, "--set", "data.num_workers=0")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # 1: the CPU presets' persistent worker
+def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identical(
+    uninterrupted, tmp_path, workers
+):
+    out = tmp_path / "run"
+    loader = ["--set", f"data.num_workers={workers}"]
+    stopped = teacher_run(out, *loader, action="sigterm", at=4)
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Interrupted: Stopped by SIGTERM at epoch 1, iteration 4" in stopped.stderr
+    assert "Resume with:" in stopped.stderr and "--resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    resumed = teacher_run(out, *loader, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert epochs_in(out / "results.csv") == [1, 2]
+
+
+def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tmp_path):
+    teacher = str(uninterrupted / "best.safetensors")
+
+    def distill(out: Path, *extra: str, action: str = "none", at: int = 0):
+        return crosskd(
+            "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY, "--set", "data.num_workers=1",
+            "--set", "model.backbone=resnet18", "--teacher", teacher, "--out", str(out), *extra,
+            action=action, at=at,
+        )  # fmt: skip
+
+    straight = distill(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert distill(tmp_path / "run", action="sigterm", at=8).returncode == 143  # in epoch 2
+    resumed = distill(tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(
+        tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors"
+    )
+
+
+@pytest.mark.parametrize("step", ["retire", "promote"])
+def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
+    uninterrupted, tmp_path, step
+):
+    out = tmp_path / "run"
+    killed = teacher_run(out, "--set", "data.num_workers=0", action=f"kill-before-{step}", at=1)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "last").exists() or step == "retire"  # mid-swap: last/ may be gone
+    resumed = teacher_run(out, "--set", "data.num_workers=0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert epochs_in(out / "results.csv") == [1, 2]  # the epoch-1 row written once
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("last", ".last"))) == [
+        "last",
+        "last.safetensors",
+    ]
+
+
+def test_a_diverging_run_skips_its_nan_steps_then_stops_naming_the_term(tmp_path):
+    out = tmp_path / "run"
+    done = teacher_run(
+        out, "--set", "data.num_workers=0", "--set", "train.lr=1.0e+30",
+        "--set", "train.max_nonfinite_steps=2",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Error: Training diverged:" in done.stderr and "loss_" in done.stderr
+    assert "were skipped" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "last.safetensors").exists()  # no checkpoint of NaN weights
