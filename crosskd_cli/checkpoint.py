@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import tempfile
@@ -111,6 +112,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
     tensors = _plain_tensors(state_dict)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as err:
@@ -118,6 +120,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
     try:
         save_file(tensors, tmp_name, metadata={METADATA_KEY: text})
         _fsync_file(tmp_name)
+        os.chmod(tmp_name, _file_mode())  # mkstemp's 0600; the run's other files are 0644
         os.replace(tmp_name, path)
     except (OSError, SafetensorError) as err:
         raise _write_error(path, err) from err
@@ -125,6 +128,20 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     _fsync_dir(path.parent)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of earlier writes of `path` that a kill left behind (one writer per
+    file: the run folder's lock, or the one import command, makes them stale)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _file_mode() -> int:
+    """What a plain `open(..., "w")` would give: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write_error(path: Path, err: Exception) -> CheckpointError:

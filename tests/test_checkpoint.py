@@ -310,3 +310,16 @@ def test_a_detector_survives_the_checkpoint_round_trip_with_identical_outputs(tm
         a.head.cls_logits + a.head.box_preds, b.head.cls_logits + b.head.box_preds, strict=True
     ):
         assert torch.equal(x, y)
+
+
+def test_a_checkpoint_gets_the_runs_file_mode_and_stale_temporaries_are_cleared(tmp_path):
+    path = tmp_path / "best.safetensors"
+    stale = tmp_path / ".best.safetensors.abc123.tmp"  # a write a kill interrupted
+    stale.write_bytes(b"half a checkpoint")
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(path, nn.Linear(2, 2).state_dict(), make_meta())
+    finally:
+        os.umask(previous)
+    assert not stale.exists()
+    assert path.stat().st_mode & 0o777 == 0o644  # as config.yaml and results.csv, not 0600
