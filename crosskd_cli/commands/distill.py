@@ -88,10 +88,10 @@ def distill(
     gfl_r101.safetensors
     """
     from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.jobs import distill_student
     from crosskd_cli.kd_terms import method_terms
     from crosskd_cli.runs import choose_run_dir
     from crosskd_cli.teachers import resolve_teacher
-    from crosskd_cli.training import distill_student
 
     settings = list(overrides or [])
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []

@@ -61,8 +61,8 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.jobs import train_detector
     from crosskd_cli.runs import choose_run_dir
-    from crosskd_cli.training import train_detector
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
     spec = load_preset(preset, settings)
