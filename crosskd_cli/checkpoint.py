@@ -7,9 +7,10 @@ import json
 import os
 import tempfile
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +22,9 @@ from crosskd_cli.errors import CheckpointError
 from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.schema import METADATA, parse
 from crosskd_cli.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
 KINDS = ("teacher", "student")
@@ -68,6 +72,34 @@ class CheckpointMeta:
     def from_newer_crosskd(self) -> bool:
         """True when a newer major crosskd wrote the file: it loads, but callers may say so."""
         return _major(self.crosskd_version) > _major(__version__)
+
+
+def make_meta(
+    preset: Preset,
+    model: ModelSpec,
+    kind: str,
+    *,
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    val_data: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> CheckpointMeta:
+    """The metadata of weights made from `preset`, the one recipe for runs and imports alike:
+    the preset's test-time scale and eval batch size are what reproduce the recorded metrics."""
+    return CheckpointMeta(
+        model=model,
+        class_names=list(class_names),
+        category_ids=list(category_ids),
+        preset=preset.name,
+        val_data=val_data,
+        image_scale=tuple(preset.data.scale),
+        eval_batch_size=preset.train.eval_batch_size,
+        crosskd_version=__version__,
+        kind=kind,
+        training=training,
+        metrics=metrics if metrics is not None else {},
+    )
 
 
 def _json_scalar(value: Any) -> Any:

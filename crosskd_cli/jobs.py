@@ -11,8 +11,13 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from crosskd_cli import __version__
-from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into, save_checkpoint
+from crosskd_cli.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    load_state_into,
+    make_meta,
+    save_checkpoint,
+)
 from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
 from crosskd_cli.distill import Distiller
@@ -147,16 +152,13 @@ def run_job(
             "processes": acc.num_processes,
             "precision": trainer.precision,
         }
-        meta = CheckpointMeta(
-            model=job.spec,
-            class_names=list(splits.class_names),
-            category_ids=list(splits.category_ids),
-            preset=preset.name,
+        meta = make_meta(
+            preset,
+            job.spec,
+            job.kind,
+            class_names=splits.class_names,
+            category_ids=splits.category_ids,
             val_data=data.spec,
-            image_scale=tuple(preset.data.scale),
-            eval_batch_size=preset.train.eval_batch_size,
-            crosskd_version=__version__,
-            kind=job.kind,
             training=training,
             metrics=metrics,
         )
