@@ -68,6 +68,21 @@ class CheckpointMeta:
         _check_consistent(meta, source)
         return meta
 
+    def class_mismatch(
+        self, class_names: Sequence[str], category_ids: Sequence[int], source: str
+    ) -> str | None:
+        """Why data labelled with these classes does not fit these weights, None when it does:
+        a model only speaks of the classes it predicts, in the order it predicts them."""
+        if list(category_ids) == list(self.category_ids) and list(class_names) == list(
+            self.class_names
+        ):
+            return None
+        return (
+            f"The checkpoint predicts {len(self.class_names)} classes "
+            f"({', '.join(self.class_names[:4])}...) but data '{source}' has "
+            f"{len(class_names)} ({', '.join(list(class_names)[:4])}...)."
+        )
+
     @property
     def from_newer_crosskd(self) -> bool:
         """True when a newer major crosskd wrote the file: it loads, but callers may say so."""

@@ -89,13 +89,10 @@ class EvalReport:
 
 def check_same_classes(meta: CheckpointMeta, dataset: CocoDetection, source: str) -> None:
     """A model only measures data labelled with the classes it predicts."""
-    if list(dataset.category_ids) != list(meta.category_ids) or list(dataset.class_names) != list(
-        meta.class_names
-    ):
+    mismatch = meta.class_mismatch(dataset.class_names, dataset.category_ids, source)
+    if mismatch is not None:
         raise DataError(
-            f"The checkpoint predicts {len(meta.class_names)} classes "
-            f"({', '.join(meta.class_names[:4])}...) but data '{source}' has "
-            f"{len(dataset.class_names)} ({', '.join(dataset.class_names[:4])}...).",
+            mismatch,
             hint="Evaluate on data with the same category list the model was trained on.",
         )
 

@@ -22,13 +22,13 @@ from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
 from crosskd_cli.distill import Distiller
 from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
-from crosskd_cli.errors import DataError, ModelError
-from crosskd_cli.evaluate import check_same_classes, predict
+from crosskd_cli.errors import DataError
+from crosskd_cli.evaluate import predict
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import method_terms, resolve_distill
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import Detector, build_detector
-from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
+from crosskd_cli.pairing import check_pair, tap_widths
 from crosskd_cli.runs import RunDir, write_config, write_json
 from crosskd_cli.specs import ModelSpec
 
@@ -223,35 +223,6 @@ def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
     return teacher, meta
 
 
-def check_pair(
-    teacher_meta: CheckpointMeta,
-    student: ModelSpec,
-    splits: DataSplits,
-    data: DataSource,
-    index: int,
-    teacher_path: Path,
-    adapter: bool = False,
-) -> None:
-    """Refuse, with the reason, a pair the cross-head forward cannot serve."""
-    check_cross_index(index, teacher_meta.model, student)
-    try:
-        check_same_classes(teacher_meta, splits.val, data.spec)
-    except DataError as exc:
-        raise ModelError(
-            f"Teacher {teacher_path.name} does not fit the data: {exc.message}",
-            hint="Train or import a teacher on this data set's classes first: "
-            "crosskd teacher --preset NAME --data DATA",
-        ) from None
-    problems = pair_problems(teacher_meta.model, student, index, adapter)
-    if problems:
-        raise ModelError(
-            f"Teacher {teacher_path.name} and the student cannot be paired: "
-            + "; ".join(problems)
-            + ".",
-            hint="Pick a pair preset whose models match (crosskd inspect --list-presets).",
-        )
-
-
 def distill_student(
     preset: Preset,
     data: DataSource,
@@ -274,7 +245,9 @@ def distill_student(
     preset = dataclasses.replace(preset, distill=cfg)
     needs_taps = any(term.needs_taps for term in method_terms(cfg.method))
     bridged = cfg.adapter or not needs_taps  # no cross branch: no taps to bridge
-    check_pair(teacher_meta, spec, splits, data, cfg.cross_index, teacher_path, bridged)
+    check_pair(
+        teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg.cross_index, bridged
+    )
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
     teacher_ap = teacher_meta.metrics.get("AP")

@@ -310,3 +310,12 @@ def test_a_detector_survives_the_checkpoint_round_trip_with_identical_outputs(tm
         a.head.cls_logits + a.head.box_preds, b.head.cls_logits + b.head.box_preds, strict=True
     ):
         assert torch.equal(x, y)
+
+
+def test_data_fits_only_with_the_same_classes_in_the_same_order():
+    meta = make_meta()
+    assert meta.class_mismatch(["circle", "square"], [3, 7], "/data") is None
+    assert meta.class_mismatch(["square", "circle"], [7, 3], "/data") == (
+        "The checkpoint predicts 2 classes (circle, square...) but data '/data' has 2 "
+        "(square, circle...)."
+    )
