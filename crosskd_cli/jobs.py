@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,12 @@ from crosskd_cli.checkpoint import (
 )
 from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import CocoDetection, DataSource, build_loader
-from crosskd_cli.distill import Distiller
-from crosskd_cli.engine import Trainer, TrainerState, make_accelerator
+from crosskd_cli.distill import Distiller, export_as_is
+from crosskd_cli.engine import SaveFn, StepFn, Trainer, TrainerState, make_accelerator
 from crosskd_cli.errors import DataError
-from crosskd_cli.evaluate import predict
+from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
 from crosskd_cli.families import build_criterion, get_family
-from crosskd_cli.kd_terms import method_terms, resolve_distill
-from crosskd_cli.metrics import coco_metrics
+from crosskd_cli.kd_terms import resolve_distill
 from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.pairing import check_pair, tap_widths
 from crosskd_cli.runs import RunDir, write_config, write_json
@@ -54,13 +54,17 @@ class Job:
     """What differs between `teacher` and `distill`; the rest of a run is shared."""
 
     kind: str  # "teacher" or "student": the kind recorded in the checkpoint
-    model: nn.Module  # the trained detector
+    model: nn.Module  # the module trained: the detector, or the student with its tap adapter
     spec: ModelSpec
-    step: Callable  # step(model, batch) -> {name: loss}
+    step: StepFn  # step(model, batch) -> {name: loss}
     training: dict[str, Any]  # recorded in the checkpoint's metadata
-    watch_zero: tuple[str, ...] = ()
-    # The detector inside `model` that is evaluated and saved (the student without adapters)
-    export: Callable[[nn.Module], nn.Module] = lambda model: model
+    config: dict[str, Any]  # recorded in config.yaml, between the data and the preset
+    watch_zero: tuple[str, ...] = ()  # loss names reported if they stay exactly zero
+    export: Callable[[nn.Module], nn.Module] = export_as_is  # `model` -> the detector to save
+
+    @property
+    def command(self) -> str:
+        return "teacher" if self.kind == "teacher" else "distill"
 
 
 def load_splits(preset: Preset, data: DataSource) -> DataSplits:
@@ -100,56 +104,30 @@ def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> Mode
     return spec
 
 
-def evaluate_model(
-    model: nn.Module, dataset: CocoDetection, batch_size: int, gather=None, loader=None
-) -> dict[str, Any]:
-    loader = loader or build_loader(dataset, batch_size=batch_size, shuffle=False)
-    results = predict(model, loader, dataset.category_ids, gather=gather)
-    return coco_metrics(dataset.coco, results)
+def write_run_config(run: RunDir, preset: Preset, data: DataSource, job: Job) -> None:
+    """config.yaml: the command, the data and the preset as this run resolved them."""
+    config = {
+        "command": job.command,
+        "data": data.spec,
+        **job.config,
+        "preset": to_dict(dataclasses.replace(preset, model=job.spec)),
+    }
+    write_config(run, config)
 
 
-def run_job(
-    preset: Preset,
-    data: DataSource,
-    run: RunDir,
-    splits: DataSplits,
-    job: Job,
-    trainer: Trainer,
-    *,
-    resume: bool,
-    console: Console,
-    config_extra: dict[str, Any],
-) -> TrainerState:
-    """The shared part of every run: config.yaml, the loop, evaluation, best/last checkpoints."""
-    acc = trainer.accelerator
-    if acc.is_main_process and not resume:
-        config = {
-            "command": "teacher" if job.kind == "teacher" else "distill",
-            "data": data.spec,
-            **config_extra,
-            "preset": to_dict(dataclasses.replace(preset, model=job.spec)),
-        }
-        write_config(run, config)
-    val_loader = acc.prepare_data_loader(
-        build_loader(splits.val, batch_size=preset.train.eval_batch_size, shuffle=False)
-    )
+def checkpoint_saver(
+    preset: Preset, data: DataSource, run: RunDir, splits: DataSplits, job: Job, trainer: Trainer
+) -> SaveFn:
+    """The loop's save_fn: the exported detector, with where the schedule stood."""
 
-    def evaluate(model) -> dict[str, Any]:
-        gather = lambda objs: acc.gather_for_metrics(objs, use_gather_object=True)  # noqa: E731
-        metrics = evaluate_model(job.export(model), splits.val, 0, gather=gather, loader=val_loader)
-        if trainer.is_main:
-            console.print(
-                "[bold]val[/] " + "  ".join(f"{k} {metrics[k]:.1f}" for k in ("AP", "AP50", "AP75"))
-            )
-        return metrics
-
-    def save(model, name: str, metrics: dict[str, Any]) -> None:
+    def save(model: nn.Module, name: str, metrics: dict[str, Any]) -> None:
+        state = trainer.state
         training = {
             **job.training,
-            "epochs_done": trainer.state.epoch + 1,
-            "iterations": trainer.state.iteration,
-            "seconds": round(trainer.state.wall_time, 1),
-            "processes": acc.num_processes,
+            "epochs_done": state.epoch + 1,
+            "iterations": state.iteration,
+            "seconds": round(state.wall_time, 1),
+            "processes": trainer.accelerator.num_processes,
             "precision": trainer.precision,
         }
         meta = make_meta(
@@ -164,6 +142,32 @@ def run_job(
         )
         save_checkpoint(run.root / f"{name}.safetensors", job.export(model).state_dict(), meta)
 
+    return save
+
+
+def run_job(
+    preset: Preset,
+    data: DataSource,
+    run: RunDir,
+    splits: DataSplits,
+    job: Job,
+    trainer: Trainer,
+    *,
+    resume: bool,
+    console: Console,
+) -> TrainerState:
+    """The shared part of every run: config.yaml, the loop, evaluation, best/last checkpoints."""
+    acc = trainer.accelerator
+    if acc.is_main_process and not resume:
+        write_run_config(run, preset, data, job)
+    eval_batch = preset.train.eval_batch_size
+    val_loader = acc.prepare_data_loader(
+        build_loader(splits.val, batch_size=eval_batch, shuffle=False)
+    )
+    gather = functools.partial(acc.gather_for_metrics, use_gather_object=True)
+    main_console = console if trainer.is_main else None
+    evaluate = val_evaluator(splits.val, val_loader, job.export, gather, main_console)
+    save = checkpoint_saver(preset, data, run, splits, job, trainer)
     train_loader = build_loader(
         splits.train,
         batch_size=preset.train.batch_size,
@@ -202,18 +206,9 @@ def train_detector(
         out = model(batch.images, batch.image_sizes)
         return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
 
-    job = Job("teacher", model, spec, step, {"command": "teacher"})
-    return run_job(
-        preset,
-        data,
-        run,
-        splits,
-        job,
-        trainer,
-        resume=resume,
-        console=console,
-        config_extra={"backbone_weights": str(backbone_weights or "")},
-    )
+    config = {"backbone_weights": str(backbone_weights or "")}
+    job = Job("teacher", model, spec, step, {"command": "teacher"}, config)
+    return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
 
 
 def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
@@ -221,6 +216,42 @@ def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
     teacher = build_detector(meta.model)
     load_state_into(teacher, state_dict, source=str(path))
     return teacher, meta
+
+
+def measure_teacher(
+    teacher: nn.Module, splits: DataSplits, data: DataSource, batch_size: int, console: Console
+) -> float:
+    """--eval-teacher: the teacher's AP on this data before training, printed and recorded.
+    Every process measures the whole split: it happens once per run."""
+    loader = build_loader(splits.val, batch_size=batch_size, shuffle=False)
+    metrics = evaluate_model(teacher, splits.val, loader)
+    console.print(f"[bold]teacher[/] on {data.spec}: {headline(metrics)}")
+    return metrics["AP"]
+
+
+def build_student(
+    spec: ModelSpec, student_weights: Path | None, backbone_weights: Path | None
+) -> Detector:
+    student = build_detector(spec, backbone_weights=backbone_weights)
+    if student_weights is not None:
+        state_dict, _ = load_checkpoint(student_weights)
+        load_state_into(student, state_dict, source=str(student_weights))
+    return student
+
+
+def module_to_train(
+    distiller: Distiller, student: Detector, teacher: ModelSpec, console: Console
+) -> tuple[nn.Module, Callable[[nn.Module], nn.Module]]:
+    """The student, with a tap adapter when the taps' widths differ (check_pair made sure
+    it was asked for), and the function exporting the student alone."""
+    teacher_width, student_width = tap_widths(teacher, student.spec, distiller.cfg.cross_index)
+    model, export = distiller.student_module(student, student_width, teacher_width)
+    if model is not student:
+        console.print(
+            f"[dim]Tap adapter: 1x1 convs {student_width} -> {teacher_width} channels per "
+            "tower, trained with the student, not exported.[/]"
+        )
+    return model, export
 
 
 def distill_student(
@@ -243,33 +274,15 @@ def distill_student(
     # the family's KD weights, recorded
     cfg = resolve_distill(preset.distill, get_family(spec.family).kd_defaults)
     preset = dataclasses.replace(preset, distill=cfg)
-    needs_taps = any(term.needs_taps for term in method_terms(cfg.method))
-    bridged = cfg.adapter or not needs_taps  # no cross branch: no taps to bridge
-    check_pair(
-        teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg.cross_index, bridged
-    )
+    check_pair(teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg)
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
     teacher_ap = teacher_meta.metrics.get("AP")
     if eval_teacher:
-        metrics = evaluate_model(teacher, splits.val, preset.train.eval_batch_size)
-        teacher_ap = metrics["AP"]
-        console.print(
-            f"[bold]teacher[/] on {data.spec}: AP {metrics['AP']:.1f}  "
-            f"AP50 {metrics['AP50']:.1f}  AP75 {metrics['AP75']:.1f}"
-        )
-    student = build_detector(spec, backbone_weights=backbone_weights)
-    if student_weights is not None:
-        state_dict, _ = load_checkpoint(student_weights)
-        load_state_into(student, state_dict, source=str(student_weights))
+        teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
+    student = build_student(spec, student_weights, backbone_weights)
     distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
-    teacher_width, student_width = tap_widths(teacher_meta.model, spec, cfg.cross_index)
-    model, export = distiller.student_module(student, student_width, teacher_width)
-    if model is not student:  # check_pair made sure the adapter was asked for
-        console.print(
-            f"[dim]Tap adapter: 1x1 convs {student_width} -> {teacher_width} channels per "
-            "tower, trained with the student, not exported.[/]"
-        )
+    model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {
         "command": "distill",
         "method": cfg.method,
@@ -278,19 +291,11 @@ def distill_student(
         "teacher_ap": teacher_ap,
         "distill": to_dict(cfg),
     }
-    job = Job("student", model, spec, distiller.step, training, distiller.loss_names(), export)
-    return run_job(
-        preset,
-        data,
-        run,
-        splits,
-        job,
-        trainer,
-        resume=resume,
-        console=console,
-        config_extra={
-            "teacher": str(teacher_path),
-            "student_weights": str(student_weights or ""),
-            "backbone_weights": str(backbone_weights or ""),
-        },
-    )
+    config = {
+        "teacher": str(teacher_path),
+        "student_weights": str(student_weights or ""),
+        "backbone_weights": str(backbone_weights or ""),
+    }
+    watch = distiller.loss_names()
+    job = Job("student", model, spec, distiller.step, training, config, watch, export)
+    return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from crosskd_cli.errors import ModelError
 from crosskd_cli.families import get_family
+from crosskd_cli.kd_terms import method_terms
 from crosskd_cli.specs import ModelSpec
 
 if TYPE_CHECKING:
     from crosskd_cli.checkpoint import CheckpointMeta
+    from crosskd_cli.config import DistillConfig
     from crosskd_cli.data import CocoDetection
 
 
@@ -84,13 +86,14 @@ def check_pair(
     student: ModelSpec,
     val: CocoDetection,
     data_spec: str,
-    cross_index: int,
-    adapter: bool = False,
+    cfg: DistillConfig,
 ) -> None:
-    """Refuse, with the reason, a pair the cross-head forward cannot serve on this data."""
-    check_cross_index(cross_index, teacher.model, student)
+    """Refuse, with the reason, a pair the distillation `cfg` asks for but cannot run on this
+    data. Tap widths only matter to a cross branch, and not when the adapter bridges them."""
+    check_cross_index(cfg.cross_index, teacher.model, student)
     check_teacher_classes(teacher, teacher_name, val, data_spec)
-    problems = pair_problems(teacher.model, student, cross_index, adapter)
+    bridged = cfg.adapter or not any(term.needs_taps for term in method_terms(cfg.method))
+    problems = pair_problems(teacher.model, student, cfg.cross_index, adapter=bridged)
     if problems:
         raise ModelError(
             f"Teacher {teacher_name} and the student cannot be paired: "

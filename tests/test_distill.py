@@ -257,7 +257,7 @@ def test_a_teacher_of_another_class_list_is_refused_naming_both_lists():
     )
     val = SimpleNamespace(class_names=["circle", "square", "ring"], category_ids=[1, 2, 4])
     with pytest.raises(ModelError) as info:
-        check_pair(teacher, "t.safetensors", STUDENT, val, "/data", cross_index=3)
+        check_pair(teacher, "t.safetensors", STUDENT, val, "/data", DistillConfig(cross_index=3))
     assert info.value.message == (
         "Teacher t.safetensors does not fit the data: The checkpoint predicts 3 classes "
         "(circle, square, star...) but data '/data' has 3 (circle, square, ring...)."
