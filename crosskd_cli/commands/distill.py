@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from crosskd_cli.commands._options import (
 )
 from crosskd_cli.commands._run import DataPaths, load_run_inputs, open_run, print_run_summary
 from crosskd_cli.config import DEFAULT_PAIR
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
 
 console = Console()
 
@@ -88,7 +91,6 @@ def distill(
     gfl_r101.safetensors
     """
     from crosskd_cli.jobs import distill_student
-    from crosskd_cli.kd_terms import method_terms
     from crosskd_cli.teachers import resolve_teacher
 
     settings = list(overrides or [])
@@ -98,22 +100,7 @@ def distill(
     spec, source = load_run_inputs(console, preset, settings, skip_bad_images, paths)
     teacher_path = resolve_teacher(spec, source, teacher, console)
     run, resume_hint = open_run("distill", spec, out, resume=resume, overwrite=overwrite)
-    cfg = spec.distill
-    console.print(
-        f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher_path} -> student "
-        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
-        f"[bold]{cfg.cross_index}[/] on [cyan]{source.spec}[/] -> {run.root}"
-    )
-    if any(term.needs_taps for term in method_terms(cfg.method)):
-        blocks = spec.model.stacked_convs
-        reused = (
-            f"teacher blocks {cfg.cross_index + 1}..{blocks} + predictors"
-            if cfg.cross_index < blocks
-            else "teacher predictors only"
-        )
-        console.print(
-            f"[dim]Cross branch reuses {reused}; alignment {'on' if cfg.align else 'off'}.[/]"
-        )
+    _print_banner(spec, source.spec, teacher_path, run.root)
     state = distill_student(
         spec,
         source,
@@ -127,3 +114,20 @@ def distill(
         resume_hint=resume_hint,
     )
     print_run_summary(console, run, state)
+
+
+def _print_banner(spec: Preset, data: str, teacher: Path, root: Path) -> None:
+    from crosskd_cli.inspection import cross_branch_reuse
+    from crosskd_cli.kd_terms import method_terms
+
+    cfg = spec.distill
+    console.print(
+        f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher} -> student "
+        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
+        f"[bold]{cfg.cross_index}[/] on [cyan]{data}[/] -> {root}"
+    )
+    if any(term.needs_taps for term in method_terms(cfg.method)):
+        reused = cross_branch_reuse(cfg.cross_index, spec.model.stacked_convs)
+        console.print(
+            f"[dim]Cross branch reuses {reused}; alignment {'on' if cfg.align else 'off'}.[/]"
+        )
