@@ -20,10 +20,9 @@ from crosskd_cli.checkpoint import (
     save_checkpoint,
 )
 from crosskd_cli.config import Preset, to_dict
-from crosskd_cli.data import CocoDetection, DataSource, build_loader
+from crosskd_cli.data import DataSource, DataSplits, build_loader, load_splits
 from crosskd_cli.distill import Distiller, export_as_is
 from crosskd_cli.engine import SaveFn, StepFn, Trainer, TrainerState, make_accelerator
-from crosskd_cli.errors import DataError
 from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import resolve_distill
@@ -31,22 +30,6 @@ from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.pairing import check_pair, tap_widths
 from crosskd_cli.runs import RunDir, write_config, write_json
 from crosskd_cli.specs import ModelSpec
-
-
-@dataclass
-class DataSplits:
-    """The two datasets of a run and the class list they share."""
-
-    train: CocoDetection
-    val: CocoDetection
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.val.class_names
-
-    @property
-    def category_ids(self) -> list[int]:
-        return self.val.category_ids
 
 
 @dataclass
@@ -65,32 +48,6 @@ class Job:
     @property
     def command(self) -> str:
         return "teacher" if self.kind == "teacher" else "distill"
-
-
-def load_splits(preset: Preset, data: DataSource) -> DataSplits:
-    cfg = preset.data
-    if data.train_ann is None or data.train_images is None:
-        raise DataError(
-            f"Data '{data.spec}' has no training split.",
-            hint="Give a COCO folder, builtin:shapes, or --train-ann and --train-images.",
-        )
-    train = CocoDetection(
-        data.train_ann,
-        data.train_images,
-        train=True,
-        scale=cfg.scale,
-        flip_prob=cfg.flip_prob,
-        skip_bad_images=cfg.skip_bad_images,
-        short_sides=cfg.train_short_sides,
-    )
-    val = CocoDetection(
-        data.val_ann,
-        data.val_images,
-        train=False,
-        scale=cfg.scale,
-        skip_bad_images=cfg.skip_bad_images,
-    )
-    return DataSplits(train, val)
 
 
 def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> ModelSpec:
@@ -195,7 +152,7 @@ def train_detector(
     resume_hint: str,
 ) -> TrainerState:
     """`crosskd teacher`: train the preset's detector on the ground truth alone."""
-    splits = load_splits(preset, data)
+    splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
     model = build_detector(spec, backbone_weights=backbone_weights)
@@ -268,7 +225,7 @@ def distill_student(
     resume_hint: str,
 ) -> TrainerState:
     """`crosskd distill`: the student learns from the ground truth and the frozen teacher."""
-    splits = load_splits(preset, data)
+    splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
     # the family's KD weights, recorded
