@@ -8,9 +8,10 @@ import json
 import os
 import tempfile
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,9 @@ from crosskd_cli.errors import CheckpointError
 from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.schema import METADATA, parse
 from crosskd_cli.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
 KINDS = ("teacher", "student")
@@ -65,10 +69,53 @@ class CheckpointMeta:
         _check_consistent(meta, source)
         return meta
 
+    def class_mismatch(
+        self, class_names: Sequence[str], category_ids: Sequence[int], source: str
+    ) -> str | None:
+        """Why data labelled with these classes does not fit these weights, None when it does:
+        a model only speaks of the classes it predicts, in the order it predicts them."""
+        if list(category_ids) == list(self.category_ids) and list(class_names) == list(
+            self.class_names
+        ):
+            return None
+        return (
+            f"The checkpoint predicts {len(self.class_names)} classes "
+            f"({', '.join(self.class_names[:4])}...) but data '{source}' has "
+            f"{len(class_names)} ({', '.join(list(class_names)[:4])}...)."
+        )
+
     @property
     def from_newer_crosskd(self) -> bool:
         """True when a newer major crosskd wrote the file: it loads, but callers may say so."""
         return _major(self.crosskd_version) > _major(__version__)
+
+
+def make_meta(
+    preset: Preset,
+    model: ModelSpec,
+    kind: str,
+    *,
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+    val_data: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> CheckpointMeta:
+    """The metadata of weights made from `preset`, the one recipe for runs and imports alike:
+    the preset's test-time scale and eval batch size are what reproduce the recorded metrics."""
+    return CheckpointMeta(
+        model=model,
+        class_names=list(class_names),
+        category_ids=list(category_ids),
+        preset=preset.name,
+        val_data=val_data,
+        image_scale=tuple(preset.data.scale),
+        eval_batch_size=preset.train.eval_batch_size,
+        crosskd_version=__version__,
+        kind=kind,
+        training=training,
+        metrics=metrics if metrics is not None else {},
+    )
 
 
 def _json_scalar(value: Any) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
@@ -75,6 +76,43 @@ def predict(
     return results
 
 
+def evaluate_model(
+    model: nn.Module,
+    dataset: CocoDetection,
+    loader: torch.utils.data.DataLoader,
+    *,
+    gather: Gather | None = None,
+) -> dict[str, Any]:
+    """COCO metrics (`coco_metrics`' keys) of `model` on `dataset`, read through `loader`."""
+    results = predict(model, loader, dataset.category_ids, gather=gather)
+    return coco_metrics(dataset.coco, results)
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The three numbers a run prints after each evaluation: 'AP 41.2  AP50 60.1  AP75 44.0'."""
+    return "  ".join(f"{key} {metrics[key]:.1f}" for key in ("AP", "AP50", "AP75"))
+
+
+def val_evaluator(
+    dataset: CocoDetection,
+    loader: torch.utils.data.DataLoader,
+    export: Callable[[nn.Module], nn.Module],
+    gather: Gather,
+    console: Console | None,
+) -> Callable[[nn.Module], dict[str, Any]]:
+    """The training loop's evaluate_fn: the exported detector (the student without its
+    adapter) on the validation split, sharded by `loader` and gathered by `gather` over the
+    processes; `console` (None off the main process) prints the headline."""
+
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        metrics = evaluate_model(export(model), dataset, loader, gather=gather)
+        if console is not None:
+            console.print("[bold]val[/] " + headline(metrics))
+        return metrics
+
+    return evaluate
+
+
 @dataclass
 class EvalReport:
     """What `evaluate_checkpoint` measured, for the command to print and write."""
@@ -89,13 +127,10 @@ class EvalReport:
 
 def check_same_classes(meta: CheckpointMeta, dataset: CocoDetection, source: str) -> None:
     """A model only measures data labelled with the classes it predicts."""
-    if list(dataset.category_ids) != list(meta.category_ids) or list(dataset.class_names) != list(
-        meta.class_names
-    ):
+    mismatch = meta.class_mismatch(dataset.class_names, dataset.category_ids, source)
+    if mismatch is not None:
         raise DataError(
-            f"The checkpoint predicts {len(meta.class_names)} classes "
-            f"({', '.join(meta.class_names[:4])}...) but data '{source}' has "
-            f"{len(dataset.class_names)} ({', '.join(dataset.class_names[:4])}...).",
+            mismatch,
             hint="Evaluate on data with the same category list the model was trained on.",
         )
 

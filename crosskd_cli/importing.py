@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from crosskd_cli import __version__
 from crosskd_cli.backbone_import import UNUSED_KEYS, convert_mmdet_backbone
-from crosskd_cli.checkpoint import CheckpointMeta, save_checkpoint
+from crosskd_cli.checkpoint import CheckpointMeta, make_meta, save_checkpoint
 from crosskd_cli.config import Preset
 from crosskd_cli.data import CocoDetection, DataSource
 from crosskd_cli.errors import CheckpointError
@@ -269,24 +268,23 @@ def import_teacher(
             report=report,
         )
     model.load_state_dict(converted, strict=False)
-    meta = CheckpointMeta(
-        model=spec,
+    training = {
+        "command": "teacher import",
+        "imported_from": path.name,
+        "format": "mmdetection",
+        "sha256": file_digest(path),
+        "classes_from": classes_from,
+        "partial": bool(report.problems),
+    }
+    val_data = data.spec if data is not None else ""
+    meta = make_meta(
+        preset,
+        spec,
+        "teacher",
         class_names=names,
         category_ids=ids,
-        preset=preset.name,
-        val_data=data.spec if data is not None else "",
-        image_scale=tuple(preset.data.scale),
-        eval_batch_size=preset.train.eval_batch_size,
-        crosskd_version=__version__,
-        kind="teacher",
-        training={
-            "command": "teacher import",
-            "imported_from": path.name,
-            "format": "mmdetection",
-            "sha256": file_digest(path),
-            "classes_from": classes_from,
-            "partial": bool(report.problems),
-        },
+        val_data=val_data,
+        training=training,
     )
     save_checkpoint(out, model.state_dict(), meta)
     return meta, report

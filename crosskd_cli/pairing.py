@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from crosskd_cli.errors import ModelError
 from crosskd_cli.families import get_family
+from crosskd_cli.kd_terms import method_terms
 from crosskd_cli.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from crosskd_cli.checkpoint import CheckpointMeta
+    from crosskd_cli.config import DistillConfig
+    from crosskd_cli.data import CocoDetection
 
 
 def tap_widths(teacher: ModelSpec, student: ModelSpec, cross_index: int) -> tuple[int, int]:
@@ -56,4 +63,41 @@ def check_cross_index(cross_index: int, teacher: ModelSpec, student: ModelSpec) 
         raise ModelError(
             f"--cross-index {cross_index} is out of range: these heads have {top} tower blocks.",
             hint=f"Choose 0..{top} (0 feeds the FPN feature; the paper's default is 3).",
+        )
+
+
+def check_teacher_classes(
+    teacher: CheckpointMeta, teacher_name: str, val: CocoDetection, data_spec: str
+) -> None:
+    """KD compares class scores position by position: the teacher must predict the data's
+    classes, in the data's order."""
+    mismatch = teacher.class_mismatch(val.class_names, val.category_ids, data_spec)
+    if mismatch is not None:
+        raise ModelError(
+            f"Teacher {teacher_name} does not fit the data: {mismatch}",
+            hint="Train or import a teacher on this data set's classes first: "
+            "crosskd teacher --preset NAME --data DATA",
+        )
+
+
+def check_pair(
+    teacher: CheckpointMeta,
+    teacher_name: str,
+    student: ModelSpec,
+    val: CocoDetection,
+    data_spec: str,
+    cfg: DistillConfig,
+) -> None:
+    """Refuse, with the reason, a pair the distillation `cfg` asks for but cannot run on this
+    data. Tap widths only matter to a cross branch, and not when the adapter bridges them."""
+    check_cross_index(cfg.cross_index, teacher.model, student)
+    check_teacher_classes(teacher, teacher_name, val, data_spec)
+    bridged = cfg.adapter or not any(term.needs_taps for term in method_terms(cfg.method))
+    problems = pair_problems(teacher.model, student, cfg.cross_index, adapter=bridged)
+    if problems:
+        raise ModelError(
+            f"Teacher {teacher_name} and the student cannot be paired: "
+            + "; ".join(problems)
+            + ".",
+            hint="Pick a pair preset whose models match (crosskd inspect --list-presets).",
         )

@@ -12,9 +12,9 @@ from rich.console import Console
 from crosskd_cli.checkpoint import read_meta
 from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource
+from crosskd_cli.jobs import distill_student, train_detector
 from crosskd_cli.runs import RunDir, choose_run_dir, write_json
 from crosskd_cli.teachers import teacher_cache_dir
-from crosskd_cli.training import distill_student, train_detector
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

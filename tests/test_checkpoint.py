@@ -323,3 +323,12 @@ def test_a_checkpoint_gets_the_runs_file_mode_and_stale_temporaries_are_cleared(
         os.umask(previous)
     assert not stale.exists()
     assert path.stat().st_mode & 0o777 == 0o644  # as config.yaml and results.csv, not 0600
+
+
+def test_data_fits_only_with_the_same_classes_in_the_same_order():
+    meta = make_meta()
+    assert meta.class_mismatch(["circle", "square"], [3, 7], "/data") is None
+    assert meta.class_mismatch(["square", "circle"], [7, 3], "/data") == (
+        "The checkpoint predicts 2 classes (circle, square...) but data '/data' has 2 "
+        "(square, circle...)."
+    )

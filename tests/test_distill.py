@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from crosskd_cli.checkpoint import CheckpointMeta
 from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria import FlatOutputs
 from crosskd_cli.distill import (
@@ -20,7 +22,7 @@ from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.families import build_criterion
 from crosskd_cli.kd_terms import parse_method
 from crosskd_cli.models import build_detector
-from crosskd_cli.pairing import check_cross_index, pair_problems
+from crosskd_cli.pairing import check_cross_index, check_pair, pair_problems
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Batch, Target
 from crosskd_cli.targets import DenseTargets
@@ -239,6 +241,28 @@ def test_cross_index_out_of_range_names_the_valid_range():
         "--cross-index 5 is out of range: these heads have 4 tower blocks."
     )
     assert info.value.hint.startswith("Choose 0..4")
+
+
+def test_a_teacher_of_another_class_list_is_refused_naming_both_lists():
+    teacher = CheckpointMeta(
+        model=TEACHER,
+        class_names=["circle", "square", "star"],
+        category_ids=[1, 2, 3],
+        preset="shapes-gfl-r34",
+        val_data="builtin:shapes",
+        image_scale=(96, 96),
+        eval_batch_size=4,
+        crosskd_version="0.2.0",
+        kind="teacher",
+    )
+    val = SimpleNamespace(class_names=["circle", "square", "ring"], category_ids=[1, 2, 4])
+    with pytest.raises(ModelError) as info:
+        check_pair(teacher, "t.safetensors", STUDENT, val, "/data", DistillConfig(cross_index=3))
+    assert info.value.message == (
+        "Teacher t.safetensors does not fit the data: The checkpoint predicts 3 classes "
+        "(circle, square, star...) but data '/data' has 3 (circle, square, ring...)."
+    )
+    assert info.value.hint.startswith("Train or import a teacher on this data set's classes")
 
 
 def test_incompatible_pairs_say_what_differs():

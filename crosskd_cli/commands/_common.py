@@ -1,16 +1,12 @@
-"""Small pieces shared by the training commands: data resolution and the closing summary.
+"""Small pieces shared by the commands: where the data is, and never overwriting a file.
 
 Imported by `--help`: anything that pulls in torch is imported inside the function using it.
 """
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from rich.console import Console
 
 from crosskd_cli.errors import DataError, RunError
 
@@ -44,22 +40,6 @@ def data_source(
         train_images=train_images,
         val_ann=val_ann,
         val_images=val_images,
-    )
-
-
-def command_line() -> str:
-    """The command as the user typed it, for 'resume with ...' hints."""
-    return shlex.join(["crosskd", *sys.argv[1:]])
-
-
-def print_run_summary(console: Console, run, state) -> None:
-    from crosskd_cli.metrics import metrics_table
-
-    console.print(metrics_table(state.metrics, f"Run {run.root}"))
-    console.print(
-        f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
-        f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
-        f"{run.results.name}, {run.config.name}."
     )
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from crosskd_cli.commands._common import command_line, data_source, print_run_summary
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
@@ -23,7 +22,11 @@ from crosskd_cli.commands._options import (
     ValAnnOpt,
     ValImagesOpt,
 )
-from crosskd_cli.config import DEFAULT_PAIR, load_preset
+from crosskd_cli.commands._run import DataPaths, load_run_inputs, open_run, print_run_summary
+from crosskd_cli.config import DEFAULT_PAIR
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
 
 console = Console()
 
@@ -87,41 +90,17 @@ def distill(
     Example: crosskd distill --preset gfl-r101-to-r50 --cross-index 3 --data /coco --teacher
     gfl_r101.safetensors
     """
-    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
-    from crosskd_cli.kd_terms import method_terms
-    from crosskd_cli.runs import choose_run_dir
+    from crosskd_cli.jobs import distill_student
     from crosskd_cli.teachers import resolve_teacher
-    from crosskd_cli.training import distill_student
 
     settings = list(overrides or [])
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
     settings += [f"distill.method={method}"] if method is not None else []
-    settings += ["data.skip_bad_images=true"] if skip_bad_images else []
-    spec = load_preset(preset, settings)
-    quiet_unless_main(console)
-    with main_process_first():  # generates built-in data once, not once per process
-        source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
+    paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
+    spec, source = load_run_inputs(console, preset, settings, skip_bad_images, paths)
     teacher_path = resolve_teacher(spec, source, teacher, console)
-    run = from_main_process(
-        lambda: choose_run_dir(out, "distill", spec.name, resume=resume, overwrite=overwrite)
-    )
-    cfg = spec.distill
-    console.print(
-        f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher_path} -> student "
-        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
-        f"[bold]{cfg.cross_index}[/] on [cyan]{source.spec}[/] -> {run.root}"
-    )
-    if any(term.needs_taps for term in method_terms(cfg.method)):
-        blocks = spec.model.stacked_convs
-        reused = (
-            f"teacher blocks {cfg.cross_index + 1}..{blocks} + predictors"
-            if cfg.cross_index < blocks
-            else "teacher predictors only"
-        )
-        console.print(
-            f"[dim]Cross branch reuses {reused}; alignment {'on' if cfg.align else 'off'}.[/]"
-        )
-    resume_hint = command_line() if resume else f"{command_line()} --resume --out {run.root}"
+    run, resume_hint = open_run("distill", spec, out, resume=resume, overwrite=overwrite)
+    _print_banner(spec, source.spec, teacher_path, run.root)
     state = distill_student(
         spec,
         source,
@@ -135,3 +114,20 @@ def distill(
         resume_hint=resume_hint,
     )
     print_run_summary(console, run, state)
+
+
+def _print_banner(spec: Preset, data: str, teacher: Path, root: Path) -> None:
+    from crosskd_cli.inspection import cross_branch_reuse
+    from crosskd_cli.kd_terms import method_terms
+
+    cfg = spec.distill
+    console.print(
+        f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher} -> student "
+        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
+        f"[bold]{cfg.cross_index}[/] on [cyan]{data}[/] -> {root}"
+    )
+    if any(term.needs_taps for term in method_terms(cfg.method)):
+        reused = cross_branch_reuse(cfg.cross_index, spec.model.stacked_convs)
+        console.print(
+            f"[dim]Cross branch reuses {reused}; alignment {'on' if cfg.align else 'off'}.[/]"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,10 @@ from rich.table import Table
 from crosskd_cli.commands._options import SetOpt
 from crosskd_cli.config import DEFAULT_PAIR, list_presets, load_preset, to_dict
 from crosskd_cli.errors import CrossKDError
+
+if TYPE_CHECKING:
+    from crosskd_cli.config import Preset
+    from crosskd_cli.inspection import LayerRow, ModelReport, PairReport
 
 console = Console()
 
@@ -59,102 +63,85 @@ def inspect(
 
     Example: crosskd inspect --preset gfl-r101-to-r50 --cross-index 3
     """
-    from crosskd_cli.inspection import describe_model
-    from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
-
     if fmt not in ("table", "json"):
         raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
     if env:
         _print_env()
-        return
-    if list_only:
+    elif list_only:
         _print_presets()
-        return
-    if checkpoint is not None:
-        from crosskd_cli.checkpoint import read_meta
-
-        meta = read_meta(checkpoint)
-        size = _parse_size(image_size, meta.image_scale)
-        report = describe_model(meta.model, size)
-        if fmt == "json":
-            typer.echo(
-                json.dumps(
-                    {
-                        "checkpoint": str(checkpoint),
-                        "meta": to_dict(meta),
-                        "model": _report_json(report),
-                    },
-                    indent=2,
-                )
-            )
-            return
-        console.print(_head_table(report, f"{checkpoint.name} ({meta.kind})", None, None))
-        console.print(_params_table({"model": report.params}))
-        console.print(
-            f"Classes: {len(meta.class_names)}; validation data: {meta.val_data}; "
-            f"recorded AP: {meta.metrics.get('AP', 'n/a')}"
-        )
-        return
-    spec = load_preset(preset, list(overrides or []))
-    size = _parse_size(image_size, spec.data.scale)
-    student = describe_model(spec.model, size)
-    if not spec.is_pair:
-        if fmt == "json":
-            typer.echo(json.dumps({"preset": spec.name, "model": _report_json(student)}, indent=2))
+    elif checkpoint is not None:
+        _show_checkpoint(checkpoint, image_size, fmt)
+    else:
+        spec = load_preset(preset, list(overrides or []))
+        size = _parse_size(image_size, spec.data.scale)
+        if spec.is_pair:
+            _show_pair(spec, cross_index, size, fmt)
         else:
-            console.print(_head_table(student, f"{spec.name}: {spec.model.backbone}", None, None))
-            console.print(_params_table({"model": student.params}))
-        return
-    index = spec.distill.cross_index if cross_index is None else cross_index
-    teacher_spec = load_preset(spec.teacher.preset).model
-    check_cross_index(index, teacher_spec, spec.model)
-    teacher = describe_model(teacher_spec, size)
-    problems = pair_problems(teacher_spec, spec.model, index, spec.distill.adapter)
-    teacher_width, student_width = tap_widths(teacher_spec, spec.model, index)
-    adapter = (
-        {"from_channels": student_width, "to_channels": teacher_width}
-        if spec.distill.adapter and teacher_width != student_width
-        else None
-    )
-    reused = [row.name for row in teacher.layers if row.block is None or row.block > index]
+            _show_detector(spec, size, fmt)
+
+
+def _show_checkpoint(checkpoint: Path, image_size: str | None, fmt: str) -> None:
+    from crosskd_cli.checkpoint import read_meta
+    from crosskd_cli.inspection import describe_model
+
+    meta = read_meta(checkpoint)
+    report = describe_model(meta.model, _parse_size(image_size, meta.image_scale))
     if fmt == "json":
+        model = report.as_dict()
         typer.echo(
             json.dumps(
-                {
-                    "preset": spec.name,
-                    "cross_index": index,
-                    "image_size": list(size),
-                    "teacher": _report_json(teacher),
-                    "student": _report_json(student),
-                    "reused_teacher_layers": reused,
-                    "adapter": adapter,
-                    "compatible": not problems,
-                    "problems": problems,
-                },
-                indent=2,
+                {"checkpoint": str(checkpoint), "meta": to_dict(meta), "model": model}, indent=2
             )
         )
         return
+    console.print(_head_table(report, f"{checkpoint.name} ({meta.kind})", None, None))
+    console.print(_params_table({"model": report.params}))
     console.print(
-        f"[bold]{spec.name}[/]: teacher {teacher_spec.backbone} -> student {spec.model.backbone}"
-        f", {spec.model.family} head, cross index [bold]{index}[/], input {size[0]}x{size[1]}"
+        f"Classes: {len(meta.class_names)}; validation data: {meta.val_data}; "
+        f"recorded AP: {meta.metrics.get('AP', 'n/a')}"
     )
-    console.print(_head_table(teacher, f"Teacher head ({teacher_spec.backbone})", index, "teacher"))
-    console.print(_head_table(student, f"Student head ({spec.model.backbone})", index, "student"))
+
+
+def _show_detector(spec: Preset, size: tuple[int, int], fmt: str) -> None:
+    from crosskd_cli.inspection import describe_model
+
+    report = describe_model(spec.model, size)
+    if fmt == "json":
+        typer.echo(json.dumps({"preset": spec.name, "model": report.as_dict()}, indent=2))
+        return
+    console.print(_head_table(report, f"{spec.name}: {spec.model.backbone}", None, None))
+    console.print(_params_table({"model": report.params}))
+
+
+def _show_pair(spec: Preset, cross_index: int | None, size: tuple[int, int], fmt: str) -> None:
+    from crosskd_cli.inspection import describe_pair
+
+    report = describe_pair(spec, cross_index, size)
+    if fmt == "json":
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    teacher, student, index = report.teacher, report.student, report.cross_index
+    console.print(
+        f"[bold]{report.preset}[/]: teacher {teacher.spec.backbone} -> student "
+        f"{student.spec.backbone}, {student.spec.family} head, cross index [bold]{index}[/], "
+        f"input {size[0]}x{size[1]}"
+    )
+    console.print(_head_table(teacher, f"Teacher head ({teacher.spec.backbone})", index, "teacher"))
+    console.print(_head_table(student, f"Student head ({student.spec.backbone})", index, "student"))
     console.print(_params_table({"teacher": teacher.params, "student": student.params}))
-    scaled = any(row.name.startswith("scales.") for row in teacher.layers)
-    console.print(_cross_summary(index, spec.model.stacked_convs, scaled))
-    if adapter:
+    console.print(_cross_summary(report))
+    if report.adapter:
+        student_width, teacher_width = report.adapter
         console.print(
             f"Tap adapter: a 1x1 conv per tower maps the student's {student_width} channels to "
             f"the teacher's {teacher_width} before alignment; trained, never exported."
         )
-    if problems:
-        console.print("[bold red]Incompatible pair:[/] " + "; ".join(problems))
+    if report.problems:
+        console.print("[bold red]Incompatible pair:[/] " + "; ".join(report.problems))
     else:
         console.print(
             "[bold green]Compatible:[/] same head family, classes, levels, strides, priors, "
-            "box coding and tap width" + (" (through the adapter)." if adapter else ".")
+            "box coding and tap width" + (" (through the adapter)." if report.adapter else ".")
         )
     console.print(f"[dim]Presets: {', '.join(list_presets())}[/]")
 
@@ -173,7 +160,7 @@ def _parse_size(text: str | None, scale: tuple[int, int]) -> tuple[int, int]:
     return (h, w)
 
 
-def _head_table(report, title: str, index: int | None, side: str | None) -> Table:
+def _head_table(report: ModelReport, title: str, index: int | None, side: str | None) -> Table:
     levels = [f"P{3 + k}" for k in range(len(report.level_shapes))]
     table = Table(title=title, title_justify="left")
     table.add_column("layer")
@@ -205,15 +192,17 @@ def _head_table(report, title: str, index: int | None, side: str | None) -> Tabl
     return table
 
 
-def _role(row, index: int, side: str, tap0: bool = False) -> str:
+def _role(row: LayerRow | None, index: int, side: str, tap0: bool = False) -> str:
+    from crosskd_cli.inspection import reused_by_cross_branch
+
     if tap0:
         return "[bold]tap (i=0)[/]" if index == 0 and side == "student" else ""
-    block = row.block
+    after_tap = reused_by_cross_branch(row, index)
     if side == "teacher":
-        return "[green]reused[/]" if block is None or block > index else ""
-    if block == index and row.name.endswith("norm"):
+        return "[green]reused[/]" if after_tap else ""
+    if row.block == index and row.name.endswith("norm"):
         return f"[bold]tap (i={index})[/]"
-    return "[dim]GT only[/]" if block is None or block > index else ""
+    return "[dim]GT only[/]" if after_tap else ""
 
 
 def _params_table(params: dict[str, dict[str, int]]) -> Table:
@@ -226,27 +215,17 @@ def _params_table(params: dict[str, dict[str, int]]) -> Table:
     return table
 
 
-def _cross_summary(index: int, blocks: int, scaled: bool) -> str:
-    predictors = "teacher predictors" + (" (Scale included)" if scaled else "")
-    if index == blocks:
+def _cross_summary(report: PairReport) -> str:
+    index, reused = report.cross_index, report.reused_blocks
+    predictors = "teacher predictors" + (" (Scale included)" if report.scaled else "")
+    if not reused:
         return f"Cross branch: student tap {index} -> aligned -> ReLU -> {predictors} only."
     start = "the FPN feature" if index == 0 else f"student tap {index} -> aligned -> ReLU"
     return (
-        f"Cross branch: {start} -> teacher blocks {index + 1}..{blocks} -> {predictors}. "
-        "Student blocks after the tap and its predictors learn from the ground truth only."
+        f"Cross branch: {start} -> teacher blocks {reused.start}..{reused.stop - 1} -> "
+        f"{predictors}. Student blocks after the tap and its predictors learn from the ground "
+        "truth only."
     )
-
-
-def _report_json(report) -> dict:
-    return {
-        "spec": to_dict(report.spec),
-        "params": report.params,
-        "fpn_levels": [list(s) for s in report.level_shapes],
-        "layers": [
-            {"name": r.name, "params": r.params, "shapes": [list(s) for s in r.shapes]}
-            for r in report.layers
-        ],
-    }
 
 
 def _print_presets() -> None:

@@ -10,12 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from crosskd_cli.commands._common import (
-    command_line,
-    data_source,
-    print_run_summary,
-    refuse_to_clobber,
-)
+from crosskd_cli.commands._common import data_source, refuse_to_clobber
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
@@ -30,6 +25,7 @@ from crosskd_cli.commands._options import (
     ValAnnOpt,
     ValImagesOpt,
 )
+from crosskd_cli.commands._run import DataPaths, load_run_inputs, open_run, print_run_summary
 from crosskd_cli.config import DEFAULT_TEACHER, load_preset
 
 console = Console()
@@ -60,23 +56,15 @@ def train(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
-    from crosskd_cli.runs import choose_run_dir
-    from crosskd_cli.training import train_detector
+    from crosskd_cli.jobs import train_detector
 
-    settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
-    spec = load_preset(preset, settings)
-    quiet_unless_main(console)
-    with main_process_first():  # generates built-in data once, not once per process
-        source = data_source(data, spec, train_ann, train_images, val_ann, val_images)
-    run = from_main_process(
-        lambda: choose_run_dir(out, "teacher", spec.name, resume=resume, overwrite=overwrite)
-    )
+    paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
+    spec, source = load_run_inputs(console, preset, overrides or [], skip_bad_images, paths)
+    run, resume_hint = open_run("teacher", spec, out, resume=resume, overwrite=overwrite)
     console.print(
         f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
         f"{spec.model.family}) on [cyan]{source.spec}[/] -> {run.root}"
     )
-    resume_hint = command_line() if resume else f"{command_line()} --resume --out {run.root}"
     state = train_detector(
         spec,
         source,

@@ -1,0 +1,258 @@
+"""`teacher` and `distill` jobs: data, models and the step, handed to the one training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from crosskd_cli.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    load_state_into,
+    make_meta,
+    save_checkpoint,
+)
+from crosskd_cli.config import Preset, to_dict
+from crosskd_cli.data import DataSource, DataSplits, build_loader, load_splits
+from crosskd_cli.distill import Distiller, export_as_is
+from crosskd_cli.engine import SaveFn, StepFn, Trainer, TrainerState, make_accelerator
+from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
+from crosskd_cli.families import build_criterion, get_family
+from crosskd_cli.kd_terms import resolve_distill
+from crosskd_cli.models import Detector, build_detector
+from crosskd_cli.pairing import check_pair, tap_widths
+from crosskd_cli.runs import RunDir, write_config, write_json
+from crosskd_cli.specs import ModelSpec
+
+
+@dataclass
+class Job:
+    """What differs between `teacher` and `distill`; the rest of a run is shared."""
+
+    kind: str  # "teacher" or "student": the kind recorded in the checkpoint
+    model: nn.Module  # the module trained: the detector, or the student with its tap adapter
+    spec: ModelSpec
+    step: StepFn  # step(model, batch) -> {name: loss}
+    training: dict[str, Any]  # recorded in the checkpoint's metadata
+    config: dict[str, Any]  # recorded in config.yaml, between the data and the preset
+    watch_zero: tuple[str, ...] = ()  # loss names reported if they stay exactly zero
+    export: Callable[[nn.Module], nn.Module] = export_as_is  # `model` -> the detector to save
+
+    @property
+    def command(self) -> str:
+        return "teacher" if self.kind == "teacher" else "distill"
+
+
+def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> ModelSpec:
+    """A detector trained on a data set predicts that data set's classes."""
+    if spec.num_classes != len(splits.class_names):
+        console.print(
+            f"[dim]The data has {len(splits.class_names)} classes; the preset's model had "
+            f"{spec.num_classes}: training with {len(splits.class_names)}.[/]"
+        )
+        spec = dataclasses.replace(spec, num_classes=len(splits.class_names))
+    return spec
+
+
+def write_run_config(run: RunDir, preset: Preset, data: DataSource, job: Job) -> None:
+    """config.yaml: the command, the data and the preset as this run resolved them."""
+    config = {
+        "command": job.command,
+        "data": data.spec,
+        **job.config,
+        "preset": to_dict(dataclasses.replace(preset, model=job.spec)),
+    }
+    write_config(run, config)
+
+
+def checkpoint_saver(
+    preset: Preset, data: DataSource, run: RunDir, splits: DataSplits, job: Job, trainer: Trainer
+) -> SaveFn:
+    """The loop's save_fn: the exported detector, with where the schedule stood."""
+
+    def save(model: nn.Module, name: str, metrics: dict[str, Any]) -> None:
+        state = trainer.state
+        training = {
+            **job.training,
+            "epochs_done": state.epoch + 1,
+            "iterations": state.iteration,
+            "seconds": round(state.wall_time, 1),
+            "processes": trainer.accelerator.num_processes,
+            "precision": trainer.precision,
+        }
+        meta = make_meta(
+            preset,
+            job.spec,
+            job.kind,
+            class_names=splits.class_names,
+            category_ids=splits.category_ids,
+            val_data=data.spec,
+            training=training,
+            metrics=metrics,
+        )
+        save_checkpoint(run.root / f"{name}.safetensors", job.export(model).state_dict(), meta)
+
+    return save
+
+
+def run_job(
+    preset: Preset,
+    data: DataSource,
+    run: RunDir,
+    splits: DataSplits,
+    job: Job,
+    trainer: Trainer,
+    *,
+    resume: bool,
+    console: Console,
+) -> TrainerState:
+    """The shared part of every run: config.yaml, the loop, evaluation, best/last checkpoints."""
+    acc = trainer.accelerator
+    if acc.is_main_process and not resume:
+        write_run_config(run, preset, data, job)
+    eval_batch = preset.train.eval_batch_size
+    val_loader = acc.prepare_data_loader(
+        build_loader(splits.val, batch_size=eval_batch, shuffle=False)
+    )
+    gather = functools.partial(acc.gather_for_metrics, use_gather_object=True)
+    main_console = console if trainer.is_main else None
+    evaluate = val_evaluator(splits.val, val_loader, job.export, gather, main_console)
+    save = checkpoint_saver(preset, data, run, splits, job, trainer)
+    train_loader = build_loader(
+        splits.train,
+        batch_size=preset.train.batch_size,
+        shuffle=True,
+        num_workers=preset.data.num_workers,
+        seed=preset.train.seed,
+        drop_last=True,
+    )
+    state = trainer.fit(
+        job.model, job.step, train_loader, evaluate, save, resume=resume, watch_zero=job.watch_zero
+    )
+    if acc.is_main_process:
+        write_json(run.metrics, state.metrics)
+    return state
+
+
+def train_detector(
+    preset: Preset,
+    data: DataSource,
+    run: RunDir,
+    *,
+    resume: bool,
+    backbone_weights: Path | None,
+    console: Console,
+    resume_hint: str,
+) -> TrainerState:
+    """`crosskd teacher`: train the preset's detector on the ground truth alone."""
+    splits = load_splits(preset.data, data)
+    spec = spec_for_data(preset.model, splits, console)
+    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
+    model = build_detector(spec, backbone_weights=backbone_weights)
+    criterion = build_criterion(spec)
+    reduce_mean = trainer.reduce_mean
+
+    def step(model, batch):
+        out = model(batch.images, batch.image_sizes)
+        return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
+
+    config = {"backbone_weights": str(backbone_weights or "")}
+    job = Job("teacher", model, spec, step, {"command": "teacher"}, config)
+    return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
+
+
+def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
+    state_dict, meta = load_checkpoint(path)
+    teacher = build_detector(meta.model)
+    load_state_into(teacher, state_dict, source=str(path))
+    return teacher, meta
+
+
+def measure_teacher(
+    teacher: nn.Module, splits: DataSplits, data: DataSource, batch_size: int, console: Console
+) -> float:
+    """--eval-teacher: the teacher's AP on this data before training, printed and recorded.
+    Every process measures the whole split: it happens once per run."""
+    loader = build_loader(splits.val, batch_size=batch_size, shuffle=False)
+    metrics = evaluate_model(teacher, splits.val, loader)
+    console.print(f"[bold]teacher[/] on {data.spec}: {headline(metrics)}")
+    return metrics["AP"]
+
+
+def build_student(
+    spec: ModelSpec, student_weights: Path | None, backbone_weights: Path | None
+) -> Detector:
+    student = build_detector(spec, backbone_weights=backbone_weights)
+    if student_weights is not None:
+        state_dict, _ = load_checkpoint(student_weights)
+        load_state_into(student, state_dict, source=str(student_weights))
+    return student
+
+
+def module_to_train(
+    distiller: Distiller, student: Detector, teacher: ModelSpec, console: Console
+) -> tuple[nn.Module, Callable[[nn.Module], nn.Module]]:
+    """The student, with a tap adapter when the taps' widths differ (check_pair made sure
+    it was asked for), and the function exporting the student alone."""
+    teacher_width, student_width = tap_widths(teacher, student.spec, distiller.cfg.cross_index)
+    model, export = distiller.student_module(student, student_width, teacher_width)
+    if model is not student:
+        console.print(
+            f"[dim]Tap adapter: 1x1 convs {student_width} -> {teacher_width} channels per "
+            "tower, trained with the student, not exported.[/]"
+        )
+    return model, export
+
+
+def distill_student(
+    preset: Preset,
+    data: DataSource,
+    run: RunDir,
+    teacher_path: Path,
+    *,
+    resume: bool,
+    student_weights: Path | None,
+    backbone_weights: Path | None,
+    eval_teacher: bool,
+    console: Console,
+    resume_hint: str,
+) -> TrainerState:
+    """`crosskd distill`: the student learns from the ground truth and the frozen teacher."""
+    splits = load_splits(preset.data, data)
+    spec = spec_for_data(preset.model, splits, console)
+    teacher, teacher_meta = load_teacher(teacher_path)
+    # the family's KD weights, recorded
+    cfg = resolve_distill(preset.distill, get_family(spec.family).kd_defaults)
+    preset = dataclasses.replace(preset, distill=cfg)
+    check_pair(teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg)
+    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
+    teacher = trainer.prepare_frozen(teacher)
+    teacher_ap = teacher_meta.metrics.get("AP")
+    if eval_teacher:
+        teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
+    student = build_student(spec, student_weights, backbone_weights)
+    distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
+    model, export = module_to_train(distiller, student, teacher_meta.model, console)
+    training = {
+        "command": "distill",
+        "method": cfg.method,
+        "cross_index": cfg.cross_index,
+        "teacher": teacher_path.name,
+        "teacher_ap": teacher_ap,
+        "distill": to_dict(cfg),
+    }
+    config = {
+        "teacher": str(teacher_path),
+        "student_weights": str(student_weights or ""),
+        "backbone_weights": str(backbone_weights or ""),
+    }
+    watch = distiller.loss_names()
+    job = Job("student", model, spec, distiller.step, training, config, watch, export)
+    return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
