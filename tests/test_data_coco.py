@@ -286,22 +286,31 @@ def test_evaluation_never_flips(tiny_coco):
     assert dataset[0][1].boxes.tolist()[0] == [2.0, 3.0, 12.0, 11.0]
 
 
-def test_random_flips_follow_torchs_seed(tiny_coco):
+def test_random_flips_depend_on_seed_epoch_and_index_alone(tiny_coco):
     dataset = train_split(tiny_coco, scale=(40, 30), flip_prob=0.5)
 
     def flips(seed: int) -> list[float]:
-        torch.manual_seed(seed)
-        return [dataset[0][1].boxes[0, 0].item() for _ in range(12)]
+        drawn = []
+        for epoch in range(12):
+            dataset.set_epoch(epoch, seed)
+            torch.manual_seed(epoch)  # the global stream plays no part
+            drawn.append(dataset[0][1].boxes[0, 0].item())
+        return drawn
 
     assert flips(0) == flips(0) and set(flips(0)) == {2.0, 28.0}
+    assert flips(0) != flips(1)
+    dataset.set_epoch(3, 0)
+    assert dataset[0][1].boxes.tolist() == dataset[0][1].boxes.tolist()  # same epoch, same draw
 
 
 def test_multi_scale_training_draws_each_short_side_from_the_range(tiny_coco):
     dataset = train_split(tiny_coco, scale=(400, 300), flip_prob=0.0, short_sides=(15, 60))
 
     def draws(seed: int) -> list[tuple[int, float]]:
-        torch.manual_seed(seed)
-        samples = [dataset[0] for _ in range(40)]
+        samples = []
+        for epoch in range(40):
+            dataset.set_epoch(epoch, seed)
+            samples.append(dataset[0])
         return [(image.shape[-2], target.boxes[0, 2].item()) for image, target in samples]
 
     heights = [h for h, _ in draws(0)]  # the 40x30 image: its height is the short side
