@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from crosskd_cli import __version__
 from crosskd_cli.errors import CheckpointError
 from crosskd_cli.legacy import upgrade_keys
-from crosskd_cli.schema import METADATA, parse
+from crosskd_cli.schema import METADATA, Count, Side, parse
 from crosskd_cli.specs import ModelSpec
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
@@ -38,8 +38,8 @@ class CheckpointMeta:
     category_ids: list[int]  # contiguous label -> original COCO category id
     preset: str  # preset name or path the model was trained from
     val_data: str  # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"
-    image_scale: tuple[int, int]  # test-time keep-ratio resize (long side, short side)
-    eval_batch_size: int  # batch size of the recorded metrics (padding changes AP slightly)
+    image_scale: tuple[Side, Side]  # test-time keep-ratio resize (long side, short side)
+    eval_batch_size: Count  # batch size of the recorded metrics (padding changes AP slightly)
     crosskd_version: str  # the crosskd that wrote the file
     kind: str  # "teacher" or "student"
     training: dict[str, Any] = field(default_factory=dict)  # epochs, method, wall time, ...
