@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from crosskd_cli import __version__
+from crosskd_cli.bounded import load_json
 from crosskd_cli.errors import CheckpointError
 from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.schema import METADATA, Count, Side, parse
@@ -54,12 +55,12 @@ class CheckpointMeta:
         default, raises CheckpointError naming it and `source`; unknown fields (from a newer
         crosskd) are ignored."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
+            data = load_json(text)
+        except ValueError as err:  # not JSON, or nested too deep to be crosskd's (bounded.py)
             raise CheckpointError(
                 f"Checkpoint '{source}' has unreadable crosskd metadata: {err}.",
                 hint="The file header is damaged; use another copy of the checkpoint.",
-            ) from err
+            ) from None
         meta = parse(cls, data, where=source, policy=METADATA)
         _check_consistent(meta, source)
         return meta

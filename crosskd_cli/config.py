@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from crosskd_cli.bounded import Unbounded, load_yaml
 from crosskd_cli.errors import PresetError
 from crosskd_cli.schema import (
     PRESET,
@@ -32,6 +33,7 @@ DEFAULT_PAIR = "gfl-r101-to-r50"  # what distill and inspect use when no --prese
 DEFAULT_TEACHER = "gfl-r101"  # the default pair's teacher preset: `crosskd teacher`'s default
 
 to_dict = to_plain  # the name training, inspect and run records import
+MAX_PRESET_BYTES = 1 << 20  # the largest shipped preset is 2 KB
 
 
 @dataclass(frozen=True)
@@ -151,10 +153,7 @@ def list_presets() -> list[str]:
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
     """Load a shipped preset by name or a YAML file by path, then apply `key=value` overrides."""
     path = _locate(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise PresetError(f"Preset file {path} must hold a mapping, got {type(raw).__name__}.")
     raw.setdefault("name", path.stem)
@@ -163,6 +162,30 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
     preset = parse(Preset, raw, where=str(path), policy=PRESET)
     _check_method(preset.distill.method, str(path))
     return preset
+
+
+def _read_yaml(path: Path) -> Any:
+    """The preset's data: a small file, without aliases or deep nesting (`bounded`)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_PRESET_BYTES:
+            raise PresetError(
+                f"Preset file {path} is {size} bytes; presets are at most "
+                f"{MAX_PRESET_BYTES >> 20} MiB.",
+                hint="Pass a preset YAML file (a few fields), not a data or weights file.",
+            )
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetError(f"Preset file {path} cannot be read: {exc}.") from None
+    try:
+        return load_yaml(text)
+    except Unbounded as exc:
+        raise PresetError(
+            f"Preset file {path} {exc}.",
+            hint="Presets are plain mappings of values; see the shipped ones in presets/.",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from None
 
 
 def _check_method(method: str, where: str) -> None:
@@ -208,7 +231,9 @@ def apply_override(raw: dict, item: str) -> None:
             hint="Example: --set train.epochs=3 --set distill.cross_index=2",
         )
     try:
-        value = yaml.safe_load(text) if text != "" else None
+        value = load_yaml(text) if text != "" else None
+    except Unbounded as exc:
+        raise PresetError(f"Override '{item}': the value {exc}.") from None
     except yaml.YAMLError as exc:
         raise PresetError(f"Override '{item}': value '{text}' is not valid YAML.") from exc
     parts = key.strip().split(".")

@@ -55,7 +55,7 @@ class Policy:
     ) -> CrossKDError:
         """The error for a value that is not `expected`; `close` is a likely intended value."""
         message = self.wrong_type.format(
-            where=where, path=path, expected=expected, value=repr(value)
+            where=where, path=path, expected=expected, value=shown(value)
         )
         # --set replaces a whole list: it has no syntax for one item (scale[0])
         settable = re.sub(r"\[\d+\]", "", path)
@@ -63,6 +63,13 @@ class Policy:
         if close is not None:
             hint = f"Did you mean {close!r}?" + (f" {hint}" if hint else "")
         return self.raises(message, hint=hint)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: a message stays one readable line even
+    when the value is a megabyte of hostile input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 def yaml_words(tp: Any) -> str:

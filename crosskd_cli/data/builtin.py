@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from crosskd_cli.bounded import load_json
 from crosskd_cli.errors import DataError
 
 GENERATOR_VERSION = 2  # part of the cache key: bump whenever the pictures or the json change
@@ -184,7 +185,7 @@ def _install(tmp: Path, root: Path, params: ShapesParams) -> None:
 def _is_complete(root: Path, params: ShapesParams) -> bool:
     """The manifest must exist, match the parameters and match the files now on disk."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = load_json((root / MANIFEST).read_text())
         if manifest["version"] != GENERATOR_VERSION or manifest["params"] != asdict(params):
             return False
         splits = manifest["splits"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
 from crosskd_cli.data.transforms import (
     MIN_BOX_SIZE,
     build_transforms,
@@ -66,7 +66,13 @@ def load_coco_json(path: Path) -> COCO:
             hint="Expected a COCO instances json (e.g. annotations/instances_val2017.json).",
         )
     try:
-        data = json.loads(path.read_bytes())
+        # Too large to walk in Python (COCO's train json is 450 MB): only what the decoder
+        # itself cannot nest is refused here; _check_coco bounds what is deep-copied later.
+        data = load_json(path.read_bytes(), max_depth=None)
+    except Unbounded as exc:
+        raise DataError(
+            f"{path} is not COCO: its JSON is {exc}.", hint="Re-export the file."
+        ) from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are both
         raise DataError(f"{path} is not valid JSON ({exc}).", hint="Re-export the file.") from None
     _check_coco(path, data)
@@ -103,6 +109,12 @@ def _check_coco(path: Path, data: Any) -> None:
                     hint=f"Fix that entry of '{key}' (bbox is [x, y, width, height] in pixels).",
                 )
     _check_references(path, data)
+    # pycocotools deep-copies the categories for every evaluation (loadRes): recursion
+    if depth(data["categories"], stop=MAX_DEPTH) > MAX_DEPTH:
+        raise DataError(
+            f"{path} is not COCO: its 'categories' are nested deeper than {MAX_DEPTH} levels.",
+            hint="Each category is an object with an integer 'id' and a 'name'.",
+        )
 
 
 def _check_references(path: Path, data: dict) -> None:
