@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from crosskd_cli import __version__
 from crosskd_cli.bounded import load_json
-from crosskd_cli.errors import CheckpointError
+from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.schema import METADATA, Count, Side, parse
 from crosskd_cli.specs import ModelSpec
@@ -101,6 +101,15 @@ def _check_consistent(meta: CheckpointMeta, source: str) -> None:
             f"{counts[0]} class_names, {counts[1]} category_ids, model.num_classes {counts[2]}.",
             hint="Re-save the checkpoint with one entry per class in each list.",
         )
+    from crosskd_cli.models.build import check_spec  # torchvision: only once metadata is read
+
+    try:  # a model that cannot be built stops `eval` before it resolves (generates) data
+        check_spec(meta.model)
+    except ModelError as err:
+        raise CheckpointError(
+            f"Checkpoint '{source}' metadata describes a model that cannot be built: {err.message}",
+            hint="The metadata was edited or written by another tool; re-save the checkpoint.",
+        ) from None
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: CheckpointMeta) -> None:

@@ -161,6 +161,7 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
         apply_override(raw, item)
     preset = parse(Preset, raw, where=str(path), policy=PRESET)
     _check_method(preset.distill.method, str(path))
+    _check_model(preset.model, str(path))
     return preset
 
 
@@ -186,6 +187,19 @@ def _read_yaml(path: Path) -> Any:
         ) from None
     except yaml.YAMLError as exc:
         raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+
+
+def _check_model(spec: ModelSpec, where: str) -> None:
+    """Cross-field checks of the model (head_channels divisible by norm_groups, strides the
+    backbone can serve), at load, so they stop a run before any data is generated. Imported
+    here, as in `_check_method`: the checks live with the model factory (torch code)."""
+    from crosskd_cli.errors import ModelError
+    from crosskd_cli.models.build import check_spec
+
+    try:
+        check_spec(spec)
+    except ModelError as err:
+        raise ModelError(f"{where}: {err.message}", hint=err.hint) from None
 
 
 def _check_method(method: str, where: str) -> None:
