@@ -77,7 +77,10 @@ class ShapesParams:
         return f"shapes-v{GENERATOR_VERSION}-{knobs}"
 
 
-LIMITS = {"seed": (0, 2**32 - 1), "images": (1, 10**6), "val": (1, 10**6), "size": (64, 4096)}
+# A spec also arrives from a checkpoint's metadata (`crosskd eval FILE` generates what it
+# names), so the limits keep the work a spec can ask for bounded: 200k images of 2048 px is
+# already hours of generation; the drawing needs 64 px to place 8 px objects.
+LIMITS = {"seed": (0, 2**32 - 1), "images": (1, 200_000), "val": (1, 200_000), "size": (64, 2048)}
 LIMITS["difficulty"] = (0, 2)
 
 
