@@ -26,6 +26,7 @@ from crosskd_cli.data.transforms import (
     transform_sample,
 )
 from crosskd_cli.errors import DataError
+from crosskd_cli.schema import shown
 from crosskd_cli.structures import Target
 
 
@@ -55,6 +56,18 @@ REQUIRED: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "bbox": (_is_box, "[x, y, width, height]"),
     },
     "categories": {"id": (_is_int, "an integer"), "name": (lambda v: isinstance(v, str), "a name")},
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Annotation fields the COCO evaluators read but exports often leave out (a missing one was a
+# KeyError after the whole prediction pass): field -> (default, check, what the check expects)
+EVALUATED: dict[str, tuple[Callable[[dict], Any], Callable[[Any], bool], str]] = {
+    "iscrowd": (lambda a: 0, lambda v: isinstance(v, int) and v in (0, 1), "0 or 1"),
+    "area": (lambda a: a["bbox"][2] * a["bbox"][3], _is_number, "a number"),
 }
 
 
@@ -104,17 +117,32 @@ def _check_coco(path: Path, data: Any) -> None:
             bad = next((k for k, e in enumerate(entries) if not check(e[field])), None)
             if bad is not None:
                 raise DataError(
-                    f"{path} is not COCO: {key}[{bad}].{field} is {entries[bad][field]!r}, "
+                    f"{path} is not COCO: {key}[{bad}].{field} is {shown(entries[bad][field])}, "
                     f"expected {expected}.",
                     hint=f"Fix that entry of '{key}' (bbox is [x, y, width, height] in pixels).",
                 )
     _check_references(path, data)
+    _fill_evaluated(path, data["annotations"])
     # pycocotools deep-copies the categories for every evaluation (loadRes): recursion
     if depth(data["categories"], stop=MAX_DEPTH) > MAX_DEPTH:
         raise DataError(
             f"{path} is not COCO: its 'categories' are nested deeper than {MAX_DEPTH} levels.",
             hint="Each category is an object with an integer 'id' and a 'name'.",
         )
+
+
+def _fill_evaluated(path: Path, annotations: list[dict]) -> None:
+    """Give each annotation the EVALUATED fields (the box's area, not crowd) it lacks."""
+    for k, ann in enumerate(annotations):
+        for field, (default, check, expected) in EVALUATED.items():
+            if field not in ann:
+                ann[field] = default(ann)
+            elif not check(ann[field]):
+                raise DataError(
+                    f"{path} is not COCO: annotations[{k}].{field} is {shown(ann[field])}, "
+                    f"expected {expected}.",
+                    hint=f"Fix that annotation, or leave '{field}' out to use the default.",
+                )
 
 
 def _check_references(path: Path, data: dict) -> None:
