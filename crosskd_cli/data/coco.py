@@ -20,9 +20,9 @@ from torchvision.io import ImageReadMode, decode_image
 
 from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
 from crosskd_cli.data.boxes import index_boxes
-from crosskd_cli.data.failures import ReadLog
+from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
 from crosskd_cli.data.transforms import build_transforms, transform_sample
-from crosskd_cli.errors import DataError
+from crosskd_cli.errors import CrossKDError, DataError
 from crosskd_cli.schema import shown
 from crosskd_cli.structures import Target
 
@@ -198,7 +198,8 @@ class CocoDetection(Dataset):
     Unreadable images are only found when read (decoding every image up front would cost as
     much as an epoch): by default reading one raises a DataError naming it; with
     `skip_bad_images` the next readable image (in index order, wrapping around) is returned in
-    its place; `num_skipped` counts them, whichever process read them (`failures.ReadLog`).
+    its place. Either is seen the same in the main process with DataLoader workers
+    (`failures.py`).
     """
 
     def __init__(
@@ -276,10 +277,19 @@ class CocoDetection(Dataset):
                 hint="Check that the image folder belongs to this annotation file.",
             )
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        """(image (3, h, w) uint8 RGB resized, Target in resized coordinates)."""
+    def __getitem__(self, index: int) -> tuple[Tensor, Target] | FailedSample:
+        """(image (3, h, w) uint8 RGB resized, Target in resized coordinates); inside a
+        DataLoader worker, a FailedSample instead of raising a CrossKDError."""
         if not -len(self) <= index < len(self):  # plain iteration stops on IndexError
             raise IndexError(f"index {index} out of range for {len(self)} images")
+        try:
+            return self._readable_sample(index)
+        except CrossKDError as err:
+            if not in_worker():
+                raise
+            return failed(err)
+
+    def _readable_sample(self, index: int) -> tuple[Tensor, Target]:
         for offset in range(len(self.image_ids)):
             image_id = self.image_ids[(index + offset) % len(self.image_ids)]
             try:
