@@ -33,3 +33,7 @@ class CheckpointError(CrossKDError):
 
 class RunError(CrossKDError):
     """A run folder that already exists, cannot be resumed, or cannot be written."""
+
+
+class OptionError(CrossKDError):
+    """A command-line option whose value the command cannot use (checked before any work)."""
