@@ -12,7 +12,6 @@ deeper than `MAX_DEPTH` levels, with an `Unbounded` error the caller words for i
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import yaml
@@ -72,8 +71,9 @@ def load_json(text: str | bytes, max_depth: int | None = MAX_DEPTH) -> Any:
     """
     try:
         data = json.loads(text)
-    except RecursionError:  # the C decoder stops at the interpreter's recursion limit
-        raise too_deep(max_depth or sys.getrecursionlimit()) from None
+    except RecursionError:  # the C decoder stops near the interpreter's recursion limit
+        refusal = too_deep(max_depth) if max_depth else Unbounded("nested too deeply to read")
+        raise refusal from None
     if max_depth is not None and depth(data, stop=max_depth) > max_depth:
         raise too_deep(max_depth)
     return data
