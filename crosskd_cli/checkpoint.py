@@ -9,7 +9,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,7 +20,7 @@ from crosskd_cli import __version__
 from crosskd_cli.bounded import load_json
 from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.legacy import upgrade_keys
-from crosskd_cli.schema import METADATA, Count, Side, parse
+from crosskd_cli.schema import METADATA, Count, MaxLength, Side, parse
 from crosskd_cli.specs import ModelSpec
 
 METADATA_KEY = "crosskd"  # the safetensors header entry holding CheckpointMeta as JSON
@@ -28,6 +28,7 @@ KINDS = ("teacher", "student")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 IMPORT_HINT = "Convert foreign weights with `crosskd teacher import FILE --preset NAME`."
 _SHOWN = 5  # names listed per problem in a load_state_into error
+MAX_SPEC_LENGTH = 20_000
 
 
 @dataclass
@@ -38,7 +39,9 @@ class CheckpointMeta:
     class_names: list[str]  # contiguous label -> class name
     category_ids: list[int]  # contiguous label -> original COCO category id
     preset: str  # preset name or path the model was trained from
-    val_data: str  # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"
+    # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"; `crosskd eval FILE`
+    # prints and resolves it, so it is bounded (4 paths of PATH_MAX fit)
+    val_data: Annotated[str, MaxLength(MAX_SPEC_LENGTH)]
     image_scale: tuple[Side, Side]  # test-time keep-ratio resize (long side, short side)
     eval_batch_size: Count  # batch size of the recorded metrics (padding changes AP slightly)
     crosskd_version: str  # the crosskd that wrote the file

@@ -10,6 +10,7 @@ input the parser reads (presets, `--set` overrides, checkpoint metadata):
     family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
 
 `Range` bounds a number (and every float must be finite: nan and inf are always refused);
+`MaxLength` bounds a string or list;
 `Registry` names a dict whose keys are the valid strings, looked up when a value is parsed, so
 that a family or backbone registered later is accepted and the table (torch code) is imported
 only then. A choice fixed in the code is a `Literal[...]`. The aliases below name the ranges
@@ -131,6 +132,21 @@ class Range:
             return f"{'<' if self.high_open else '<='} {_number(self.high)}"
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
         return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+@dataclass(frozen=True)
+class MaxLength:
+    """A string (or list) of at most `high` characters (items): text that is echoed, parsed
+    or resolved stays small."""
+
+    high: int
+
+    def holds(self, value: Any) -> bool:
+        return len(value) <= self.high
+
+    def words(self, value: Any) -> str:
+        unit = "characters" if isinstance(value, str) else "items"
+        return f"at most {self.high} {unit} long"
 
 
 @dataclass(frozen=True)
@@ -319,6 +335,8 @@ def _check_markers(value: Any, markers: tuple, path: str) -> Any:
     for marker in markers:
         if isinstance(marker, Range) and not marker.holds(value):
             raise _Problem("range", path, value, choices=marker.words())
+        if isinstance(marker, MaxLength) and not marker.holds(value):
+            raise _Problem("range", path, value, choices=marker.words(value))
         if isinstance(marker, Registry) and value not in (options := marker.options()):
             raise _Problem("choice", path, value, choices=tuple(options))
     return value

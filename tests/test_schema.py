@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import pytest
 
 from crosskd_cli.errors import CheckpointError, PresetError
-from crosskd_cli.schema import METADATA, PRESET, Range, Registry, parse, to_plain
+from crosskd_cli.schema import METADATA, PRESET, MaxLength, Range, Registry, parse, to_plain
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ class Limits:
     sides: tuple[Annotated[int, Range(32, 64)], ...] = (32,)
     plain: float = 1.0
     family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
+    note: Annotated[str, MaxLength(5)] = ""
 
 
 @pytest.mark.parametrize(
@@ -156,6 +157,7 @@ class Limits:
         ({"plain": float("nan")}, "plain", "a finite number", "nan"),
         ({"clip": float("inf")}, "clip", "a finite number", "inf"),
         ({"family": "yolo"}, "family", "one of 'gfl', 'retinanet', 'atss', 'fcos'", "'yolo'"),
+        ({"note": "longer"}, "note", "at most 5 characters long", "'longer'"),
     ],
 )
 def test_ranges_finiteness_and_registries_are_checked_under_both_policies(
