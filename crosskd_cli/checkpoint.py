@@ -11,7 +11,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from crosskd_cli import __version__
-from crosskd_cli.errors import CheckpointError
+from crosskd_cli.bounded import load_json
+from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.legacy import upgrade_keys
-from crosskd_cli.schema import METADATA, parse
+from crosskd_cli.schema import METADATA, Count, MaxLength, Side, parse
 from crosskd_cli.specs import ModelSpec
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ KINDS = ("teacher", "student")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 IMPORT_HINT = "Convert foreign weights with `crosskd teacher import FILE --preset NAME`."
 _SHOWN = 5  # names listed per problem in a load_state_into error
+MAX_SPEC_LENGTH = 20_000
 
 
 @dataclass
@@ -42,9 +44,11 @@ class CheckpointMeta:
     class_names: list[str]  # contiguous label -> class name
     category_ids: list[int]  # contiguous label -> original COCO category id
     preset: str  # preset name or path the model was trained from
-    val_data: str  # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"
-    image_scale: tuple[int, int]  # test-time keep-ratio resize (long side, short side)
-    eval_batch_size: int  # batch size of the recorded metrics (padding changes AP slightly)
+    # data spec it was evaluated on, e.g. "builtin:shapes" or "/coco"; `crosskd eval FILE`
+    # prints and resolves it, so it is bounded (4 paths of PATH_MAX fit)
+    val_data: Annotated[str, MaxLength(MAX_SPEC_LENGTH)]
+    image_scale: tuple[Side, Side]  # test-time keep-ratio resize (long side, short side)
+    eval_batch_size: Count  # batch size of the recorded metrics (padding changes AP slightly)
     crosskd_version: str  # the crosskd that wrote the file
     kind: str  # "teacher" or "student"
     training: dict[str, Any] = field(default_factory=dict)  # epochs, method, wall time, ...
@@ -59,12 +63,12 @@ class CheckpointMeta:
         default, raises CheckpointError naming it and `source`; unknown fields (from a newer
         crosskd) are ignored."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
+            data = load_json(text)
+        except ValueError as err:  # not JSON, or nested too deep to be crosskd's (bounded.py)
             raise CheckpointError(
                 f"Checkpoint '{source}' has unreadable crosskd metadata: {err}.",
                 hint="The file header is damaged; use another copy of the checkpoint.",
-            ) from err
+            ) from None
         meta = parse(cls, data, where=source, policy=METADATA)
         _check_consistent(meta, source)
         return meta
@@ -148,6 +152,15 @@ def _check_consistent(meta: CheckpointMeta, source: str) -> None:
             f"{counts[0]} class_names, {counts[1]} category_ids, model.num_classes {counts[2]}.",
             hint="Re-save the checkpoint with one entry per class in each list.",
         )
+    from crosskd_cli.models.build import check_spec  # torchvision: only once metadata is read
+
+    try:  # a model that cannot be built stops `eval` before it resolves (generates) data
+        check_spec(meta.model)
+    except ModelError as err:
+        raise CheckpointError(
+            f"Checkpoint '{source}' metadata describes a model that cannot be built: {err.message}",
+            hint="The metadata was edited or written by another tool; re-save the checkpoint.",
+        ) from None
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: CheckpointMeta) -> None:

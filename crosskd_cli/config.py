@@ -9,18 +9,31 @@ import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from crosskd_cli.bounded import Unbounded, load_yaml
 from crosskd_cli.errors import PresetError
-from crosskd_cli.schema import PRESET, parse, to_plain
+from crosskd_cli.schema import (
+    PRESET,
+    Count,
+    Fraction,
+    Index,
+    NonNegative,
+    Positive,
+    Range,
+    Side,
+    parse,
+    to_plain,
+)
 from crosskd_cli.specs import ModelSpec
 
 DEFAULT_PAIR = "gfl-r101-to-r50"  # what distill and inspect use when no --preset is given
 DEFAULT_TEACHER = "gfl-r101"  # the default pair's teacher preset: `crosskd teacher`'s default
 
 to_dict = to_plain  # the name training, inspect and run records import
+MAX_PRESET_BYTES = 1 << 20  # the largest shipped preset is 2 KB
 
 
 @dataclass(frozen=True)
@@ -28,12 +41,12 @@ class DataConfig:
     """How images are fed; where they come from is `--data` (or `source` for built-in presets)."""
 
     source: str | None = None  # default --data, e.g. "builtin:shapes" for CPU presets
-    scale: tuple[int, int] = (1333, 800)  # keep-ratio resize to fit (long side, short side)
-    flip_prob: float = 0.5  # horizontal flip probability while training
+    scale: tuple[Side, Side] = (1333, 800)  # keep-ratio resize to fit (long side, short side)
+    flip_prob: Fraction = 0.5  # horizontal flip probability while training
     # Multi-scale training: each training image's short-side limit drawn from [low, high]
     # (the long-side limit stays scale's), e.g. [480, 800]; None = the single `scale`
-    train_short_sides: tuple[int, int] | None = None
-    num_workers: int = 2  # DataLoader worker processes
+    train_short_sides: tuple[Side, Side] | None = None
+    num_workers: Index = 2  # DataLoader worker processes
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
 
 
@@ -41,35 +54,38 @@ class DataConfig:
 class TrainConfig:
     """The schedule of docs/method.md §4 (MMDetection's 1x by default)."""
 
-    epochs: int = 12  # training length in epochs, unless max_iters is set
-    max_iters: int | None = None  # train for exactly this many iterations instead of epochs
-    batch_size: int = 2  # images per process
-    optimizer: str = "sgd"  # sgd (with momentum) or adamw (MMDetection's Swin configs)
-    lr: float = 0.01  # learning rate for a total batch of base_batch_size
-    base_batch_size: int = 16  # lr scales linearly with total batch / this
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500  # warm-up length in iterations
-    warmup_ratio: float = 0.001  # warm-up starts at lr * this
-    warmup: str = "linear"  # linear (ramp from warmup_ratio) or constant (FCOS: lr * ratio)
-    bias_lr_factor: float = 1.0  # lr x this for conv/linear biases (FCOS: 2)
-    bias_decay_factor: float = 1.0  # weight decay x this for those biases (FCOS: 0)
-    milestones: tuple[int, ...] = (8, 11)  # epochs (or iterations when max_iters is set) of x gamma
-    gamma: float = 0.1
-    grad_clip: float | None = None  # max gradient norm, None = no clipping
-    eval_interval: int = 0  # evaluate every N epochs (0 = only at the end)
-    eval_batch_size: int = 8  # per process; recorded in checkpoints so `eval` matches exactly
+    epochs: Count = 12  # training length in epochs, unless max_iters is set
+    max_iters: Count | None = None  # train for exactly this many iterations instead of epochs
+    batch_size: Count = 2  # images per process
+    # sgd (with momentum) or adamw (MMDetection's Swin configs)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Positive = 0.01  # learning rate for a total batch of base_batch_size
+    base_batch_size: Count = 16  # lr scales linearly with total batch / this
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9  # SGD momentum, in [0, 1)
+    weight_decay: NonNegative = 1e-4
+    warmup_iters: Index = 500  # warm-up length in iterations
+    warmup_ratio: Fraction = 0.001  # warm-up starts at lr * this
+    # linear (ramp from warmup_ratio) or constant (FCOS: lr * ratio)
+    warmup: Literal["linear", "constant"] = "linear"
+    bias_lr_factor: NonNegative = 1.0  # lr x this for conv/linear biases (FCOS: 2)
+    bias_decay_factor: NonNegative = 1.0  # weight decay x this for those biases (FCOS: 0)
+    # epochs (or iterations when max_iters is set) of x gamma
+    milestones: tuple[Count, ...] = (8, 11)
+    gamma: Positive = 0.1
+    grad_clip: Positive | None = None  # max gradient norm, None = no clipping
+    eval_interval: Index = 0  # evaluate every N epochs (0 = only at the end)
+    eval_batch_size: Count = 8  # per process; recorded in checkpoints so `eval` matches exactly
     # no, fp16, bf16, or auto: bf16 where the device runs it natively (a GPU with bf16, a CPU
     # with AVX512-BF16/AMX), fp32 elsewhere. The training step only; evaluation stays fp32.
-    mixed_precision: str = "no"
-    seed: int = 0  # model initialisation and data order
-    log_interval: int = 10  # iterations between loss syncs for logging
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # model initialisation and data order
+    log_interval: Count = 10  # iterations between loss syncs for logging
     # Save the resumable state every N iterations within an epoch too (0: at epoch ends only),
     # so a kill mid-epoch loses at most N iterations; SIGTERM and Ctrl-C save at once
-    state_interval: int = 500
+    state_interval: Index = 500
     # A step whose loss (or gradient norm) is NaN/inf is skipped; this many in a row stop the
     # run with the term named (checked at log intervals)
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: Count = 20
 
 
 @dataclass(frozen=True)
@@ -79,21 +95,23 @@ class DistillConfig:
     # KD terms joined by '+' (crosskd, mimic, pkd; e.g. crosskd+pkd), or none: the plain
     # student. Checked against crosskd_cli.kd_terms.KD_TERMS when the preset loads.
     method: str = "crosskd"
-    cross_index: int = 3  # student tap index fed to the teacher head, 0..stacked_convs
-    cls_kd: str = "qfl"  # qfl (paper Eq. 7), bce (Table 11) or none (Table 3: reg only)
+    cross_index: Index = 3  # student tap index fed to the teacher head, 0..stacked_convs
+    # qfl (paper Eq. 7), bce (Table 11) or none (Table 3: reg only)
+    cls_kd: Literal["qfl", "bce", "none"] = "qfl"
     box_kd: bool = True  # False: KD on classification only (Table 3)
     align: bool = True  # standardise the student tap to the teacher tap's statistics
-    region_weight: str = "soft"  # soft (teacher max class prob) or hard (GT foreground)
+    # soft (teacher max class prob) or hard (GT foreground)
+    region_weight: Literal["soft", "hard"] = "soft"
     # A learnable 1x1 conv per tower maps the student tap to the teacher's width when the heads
     # differ in width; it trains with the student and is never exported.
     adapter: bool = False
     # Loss weights; None = the head family's default (crosskd_cli.families, docs/method.md §3)
-    cls_weight: float | None = None
-    box_weight: float | None = None
-    centerness_weight: float | None = None  # ATSS centerness KD
-    pkd_weight: float | None = None
-    beta: float = 1.0  # modulating exponent of the QFL-style cls KD
-    temperature: float = 1.0  # KL box KD temperature
+    cls_weight: NonNegative | None = None
+    box_weight: NonNegative | None = None
+    centerness_weight: NonNegative | None = None  # ATSS centerness KD
+    pkd_weight: NonNegative | None = None
+    beta: NonNegative = 1.0  # modulating exponent of the QFL-style cls KD
+    temperature: Positive = 1.0  # KL box KD temperature
 
 
 @dataclass(frozen=True)
@@ -141,10 +159,7 @@ def list_presets() -> list[str]:
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
     """Load a shipped preset by name or a YAML file by path, then apply `key=value` overrides."""
     path = _locate(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise PresetError(f"Preset file {path} must hold a mapping, got {type(raw).__name__}.")
     raw.setdefault("name", path.stem)
@@ -152,7 +167,45 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset
         apply_override(raw, item)
     preset = parse(Preset, raw, where=str(path), policy=PRESET)
     _check_method(preset.distill.method, str(path))
+    _check_model(preset.model, str(path))
     return preset
+
+
+def _read_yaml(path: Path) -> Any:
+    """The preset's data: a small file, without aliases or deep nesting (`bounded`)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_PRESET_BYTES:
+            raise PresetError(
+                f"Preset file {path} is {size} bytes; presets are at most "
+                f"{MAX_PRESET_BYTES >> 20} MiB.",
+                hint="Pass a preset YAML file (a few fields), not a data or weights file.",
+            )
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PresetError(f"Preset file {path} cannot be read: {exc}.") from None
+    try:
+        return load_yaml(text)
+    except Unbounded as exc:
+        raise PresetError(
+            f"Preset file {path} {exc}.",
+            hint="Presets are plain mappings of values; see the shipped ones in presets/.",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+
+
+def _check_model(spec: ModelSpec, where: str) -> None:
+    """Cross-field checks of the model (head_channels divisible by norm_groups, strides the
+    backbone can serve), at load, so they stop a run before any data is generated. Imported
+    here, as in `_check_method`: the checks live with the model factory (torch code)."""
+    from crosskd_cli.errors import ModelError
+    from crosskd_cli.models.build import check_spec
+
+    try:
+        check_spec(spec)
+    except ModelError as err:
+        raise ModelError(f"{where}: {err.message}", hint=err.hint) from None
 
 
 def _check_method(method: str, where: str) -> None:
@@ -198,7 +251,9 @@ def apply_override(raw: dict, item: str) -> None:
             hint="Example: --set train.epochs=3 --set distill.cross_index=2",
         )
     try:
-        value = yaml.safe_load(text) if text != "" else None
+        value = load_yaml(text) if text != "" else None
+    except Unbounded as exc:
+        raise PresetError(f"Override '{item}': the value {exc}.") from None
     except yaml.YAMLError as exc:
         raise PresetError(f"Override '{item}': value '{text}' is not valid YAML.") from exc
     parts = key.strip().split(".")

@@ -35,6 +35,10 @@ class RunError(CrossKDError):
     """A run folder that already exists, cannot be resumed, or cannot be written."""
 
 
+class OptionError(CrossKDError):
+    """A command-line option whose value the command cannot use (checked before any work)."""
+
+
 class Interrupted(CrossKDError):
     """A run stopped on request (SIGTERM, Ctrl-C) after saving its state: not an error, so it
     is shown as such and exits with the signal's conventional code (143, 130)."""

@@ -24,6 +24,7 @@ from crosskd_cli.errors import CheckpointError
 from crosskd_cli.families import get_family
 from crosskd_cli.models import build_detector
 from crosskd_cli.safe_pickle import load_checkpoint_object, refused_inside
+from crosskd_cli.schema import shown
 from crosskd_cli.specs import ModelSpec
 
 # (MMDetection key pattern, crosskd key template) for the neck and the head; backbone keys go
@@ -125,6 +126,14 @@ def read_mmdet_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]
             "unpickled.",
             hint="Only tensors are imported. Re-save the file with plain tensors "
             "(torch.save({'state_dict': model.state_dict()}, path)).",
+        )
+    not_named = [k for k in state if not isinstance(k, str)]
+    if not_named:
+        raise CheckpointError(
+            f"{path}: {len(not_named)} state dict keys are not parameter names but "
+            f"{type(not_named[0]).__name__}s, e.g. {shown(not_named[0])}.",
+            hint="Pass an MMDetection checkpoint: a 'state_dict' mapping parameter names "
+            "(strings such as 'bbox_head.gfl_cls.weight') to tensors.",
         )
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:

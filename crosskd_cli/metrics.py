@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from crosskd_cli.errors import CrossKDError, DataError
+from crosskd_cli.errors import DataError, OptionError
 
 BACKENDS = ("faster", "pycocotools")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], in this order
@@ -39,11 +40,7 @@ def coco_metrics(
     also "per_class": {class name: AP} in category-id order. Images without any prediction
     count (as misses), so empty `results` give 0.0 wherever there is ground truth.
     """
-    if backend not in EVALUATORS:
-        raise CrossKDError(
-            f"COCO evaluation backend '{backend}' is not known.",
-            hint=f"Use one of: {', '.join(BACKENDS)}.",
-        )
+    check_backend(backend)
     clean = _clean_results(coco_gt, results)
     # Both evaluators print progress lines on stdout; the caller prints its own summary.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -55,6 +52,17 @@ def coco_metrics(
             names[cat_id]: _class_ap(precision[:, :, k, 0, -1]) for k, cat_id in enumerate(cat_ids)
         }
     return metrics
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown evaluator by name, so a command can check before it predicts."""
+    if backend not in EVALUATORS:
+        close = difflib.get_close_matches(backend, BACKENDS, n=1)
+        raise OptionError(
+            f"COCO evaluation backend '{backend}' is not known.",
+            hint=(f"Did you mean '{close[0]}'? " if close else "")
+            + f"Use one of: {', '.join(BACKENDS)}.",
+        )
 
 
 def _clean_results(coco_gt: Any, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,14 +1,34 @@
-"""One strict parser from plain data (YAML, JSON) to typed dataclasses, under explicit policies."""
+"""One strict parser from plain data (YAML, JSON) to typed dataclasses, under explicit policies.
+
+Besides the type, a field may state the values it takes, declared on its type hint with
+`typing.Annotated`, so the limit sits beside the field it guards and is checked for every
+input the parser reads (presets, `--set` overrides, checkpoint metadata):
+
+    batch_size: Annotated[int, Range(1)] = 2  # >= 1
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9  # in [0, 1)
+    scale: tuple[Side, Side] = (1333, 800)  # each item in [32, 8192] (Side is an alias)
+    family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
+
+`Range` bounds a number (and every float must be finite: nan and inf are always refused);
+`MaxLength` bounds a string or list;
+`Registry` names a dict whose keys are the valid strings, looked up when a value is parsed, so
+that a family or backbone registered later is accepted and the table (torch code) is imported
+only then. A choice fixed in the code is a `Literal[...]`. The aliases below name the ranges
+fields share.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from crosskd_cli.errors import CheckpointError, CrossKDError, PresetError
 
@@ -36,17 +56,28 @@ class Policy:
     ) -> CrossKDError:
         """The error for a value that is not `expected`; `close` is a likely intended value."""
         message = self.wrong_type.format(
-            where=where, path=path, expected=expected, value=repr(value)
+            where=where, path=path, expected=expected, value=shown(value)
         )
-        hint = self.wrong_type_hint and self.wrong_type_hint.format(path=path)
+        # --set replaces a whole list: it has no syntax for one item (scale[0])
+        settable = re.sub(r"\[\d+\]", "", path)
+        hint = self.wrong_type_hint and self.wrong_type_hint.format(path=settable)
         if close is not None:
             hint = f"Did you mean {close!r}?" + (f" {hint}" if hint else "")
         return self.raises(message, hint=hint)
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: a message stays one readable line even
+    when the value is a megabyte of hostile input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def yaml_words(tp: Any) -> str:
     """A type as a preset author reads it: a mapping, a list of 2 items, int."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return yaml_words(args[0])
     if _is_union(tp):
         # A preset author fixes the value, not the null: "float", not "float | None"
         return yaml_words(next(a for a in args if a is not _NONE))
@@ -64,13 +95,83 @@ def yaml_words(tp: Any) -> str:
 def python_words(tp: Any) -> str:
     """A type as its hint reads, for JSON written by code: tuple[int, int], int | None."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return python_words(args[0])
     if _is_union(tp):
         return " | ".join("None" if a is _NONE else python_words(a) for a in args)
     if origin is typing.Literal:
         return _one_of(args)
     if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
         return "an object"
-    return str(tp) if origin is not None else tp.__name__
+    if origin is not None and args:  # tuple[int, int], with any range markers left out
+        inner = ", ".join("..." if a is Ellipsis else python_words(a) for a in args)
+        return f"{getattr(origin, '__name__', origin)}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number's allowed interval: Range(1) is >= 1, Range(0, low_open=True) is > 0,
+    Range(0, 1, high_open=True) is [0, 1). None = unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is refused
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def words(self) -> str:
+        """'>= 1', '> 0', 'in [0, 1)': what the error says the value must be."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+@dataclass(frozen=True)
+class MaxLength:
+    """A string (or list) of at most `high` characters (items): text that is echoed, parsed
+    or resolved stays small."""
+
+    high: int
+
+    def holds(self, value: Any) -> bool:
+        return len(value) <= self.high
+
+    def words(self, value: Any) -> str:
+        unit = "characters" if isinstance(value, str) else "items"
+        return f"at most {self.high} {unit} long"
+
+
+@dataclass(frozen=True)
+class Registry:
+    """A string that must be a key of the dict `module.name` (e.g. the head families)."""
+
+    module: str
+    name: str
+
+    def options(self) -> list[str]:
+        return list(getattr(importlib.import_module(self.module), self.name))
+
+
+# The ranges fields share (see the module docstring)
+Count = Annotated[int, Range(1)]  # sizes, intervals and counts that cannot be zero
+Index = Annotated[int, Range(0)]  # indices, iteration counts that may be zero
+Positive = Annotated[float, Range(0, low_open=True)]  # rates, temperatures, clip norms
+NonNegative = Annotated[float, Range(0)]  # loss weights, decays, factors
+Fraction = Annotated[float, Range(0, 1)]  # probabilities and ratios
+Side = Annotated[int, Range(32, 8192)]  # an image side in pixels
+Channels = Annotated[int, Range(1, 4096)]  # a layer's width
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else repr(value)
 
 
 PRESET = Policy(
@@ -124,7 +225,8 @@ def to_plain(obj: Any) -> Any:
 class _Problem(Exception):
     """Raised inside the parser; `parse` words it by the policy once the path is known.
 
-    kind: "type" (value is not tp), "choice" (not one of a Literal's options), "missing" or
+    kind: "type" (value is not tp), "choice" (not one of a Literal's options, or of `choices`
+    for a Registry), "range" (choices: what the value must be, e.g. ">= 1"), "missing" or
     "unknown" (choices: the valid keys).
     """
 
@@ -143,12 +245,18 @@ def _explain(problem: _Problem, where: str, root: str, policy: Policy) -> CrossK
         close = difflib.get_close_matches(str(problem.value), valid, n=1)
         hint = f"Did you mean '{close[0]}'?" if close else f"Valid keys: {', '.join(valid)}"
         return policy.raises(policy.unknown.format(where=where, path=path), hint=hint)
+    if problem.kind == "range":
+        return policy.type_error(where, path, problem.choices, problem.value)
     close = None
-    if problem.kind == "choice" and isinstance(problem.value, str):
-        options = [o for o in typing.get_args(problem.tp) if isinstance(o, str)]
-        matches = difflib.get_close_matches(problem.value, options, n=1)
-        close = matches[0] if matches else None
-    return policy.type_error(where, path, policy.describe(problem.tp), problem.value, close)
+    expected = policy.describe(problem.tp)
+    if problem.kind == "choice":
+        options = problem.choices or typing.get_args(problem.tp)
+        expected = _one_of(tuple(options))
+        if isinstance(problem.value, str):
+            strings = [o for o in options if isinstance(o, str)]
+            matches = difflib.get_close_matches(problem.value, strings, n=1)
+            close = matches[0] if matches else None
+    return policy.type_error(where, path, expected, problem.value, close)
 
 
 def _build(cls: type, data: Any, path: str, policy: Policy, *, top: bool) -> Any:
@@ -159,7 +267,7 @@ def _build(cls: type, data: Any, path: str, policy: Policy, *, top: bool) -> Any
         unknown = [k for k in data if k not in fields]
         if unknown:
             raise _Problem("unknown", _join(path, unknown[0]), unknown[0], choices=list(fields))
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {
         name: _convert(hints[name], value, _join(path, name), policy)
         for name, value in data.items()
@@ -177,6 +285,8 @@ def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        return _check_markers(_convert(args[0], value, path, policy), args[1:], path)
     if _is_union(tp):
         if value is None and _NONE in args:
             return None
@@ -212,10 +322,24 @@ def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
         raise TypeError(f"schema cannot parse fields of type {tp!r} (at '{path}')")
     # bool is an int subclass: an int field must refuse true/false, and a bool field 1 and 0
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML's .nan and .inf, JSON's NaN and Infinity
+            raise _Problem("range", path, value, tp, choices="a finite number")
         return float(value)
     if isinstance(value, tp) and (tp is bool) == isinstance(value, bool):
         return value
     raise _Problem("type", path, value, tp)
+
+
+def _check_markers(value: Any, markers: tuple, path: str) -> Any:
+    """`value` (already of the annotated type) against each Range / Registry marker."""
+    for marker in markers:
+        if isinstance(marker, Range) and not marker.holds(value):
+            raise _Problem("range", path, value, choices=marker.words())
+        if isinstance(marker, MaxLength) and not marker.holds(value):
+            raise _Problem("range", path, value, choices=marker.words(value))
+        if isinstance(marker, Registry) and value not in (options := marker.options()):
+            raise _Problem("choice", path, value, choices=tuple(options))
+    return value
 
 
 def _convert_array(tp: Any, value: Any, path: str, policy: Policy) -> Any:

@@ -95,7 +95,10 @@ def test_an_unknown_parameter_is_named_and_the_valid_ones_listed():
     [
         ("seed=x", "builtin:shapes parameter seed='x' is not an integer."),
         ("difficulty=brutal", "builtin:shapes parameter difficulty='brutal' is not an integer "),
-        ("size=16", "builtin:shapes parameter size=16 is out of range 64..4096."),
+        ("size=16", "builtin:shapes parameter size=16 is out of range 64..2048."),
+        # a checkpoint's recorded spec must not start hours of generation
+        ("size=4096", "builtin:shapes parameter size=4096 is out of range 64..2048."),
+        ("images=1000000", "builtin:shapes parameter images=1000000 is out of range 1..200000."),
         ("images", "builtin:shapes parameter 'images' has no value."),
         ("seed=1,seed=2", "builtin:shapes parameter 'seed' is given twice."),
     ],

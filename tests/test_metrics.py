@@ -174,7 +174,7 @@ def test_per_class_is_only_computed_when_asked(coco):
 def test_unknown_backend_lists_the_valid_ones(coco):
     with pytest.raises(CrossKDError, match="'fastest'") as info:
         coco_metrics(coco, perfect(), backend="fastest")
-    assert info.value.hint == "Use one of: faster, pycocotools."
+    assert info.value.hint == "Did you mean 'faster'? Use one of: faster, pycocotools."
 
 
 def test_a_contiguous_label_in_place_of_a_category_id_is_refused(coco):

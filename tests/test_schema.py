@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 
 from crosskd_cli.errors import CheckpointError, PresetError
-from crosskd_cli.schema import METADATA, PRESET, parse, to_plain
+from crosskd_cli.schema import METADATA, PRESET, MaxLength, Range, Registry, parse, to_plain
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def test_every_supported_type_converts_and_arrays_become_tuples_where_typed():
 def test_a_preset_type_error_names_the_dotted_path_the_type_and_the_value(data, message):
     error = preset_error({"name": "a"} | data)
     assert error.message == f"p.yaml: {message}"
-    path = message.split("'")[1]
+    path = message.split("'")[1].split("[")[0]  # --set replaces a whole list, not one item
     assert error.hint == f"Fix it in the preset or with --set {path}=VALUE"
 
 
@@ -134,3 +134,57 @@ def test_both_policies_fill_missing_top_level_defaults_only_presets_fill_nested_
     # weights were trained with
     with pytest.raises(CheckpointError, match="lacks the field 'inner.ratio'"):
         parse(Outer, nested, where="w", policy=METADATA)
+
+
+@dataclass(frozen=True)
+class Limits:
+    count: Annotated[int, Range(1)] = 2
+    rate: Annotated[float, Range(0, 1, high_open=True)] = 0.5
+    clip: Annotated[float, Range(0, low_open=True)] | None = None
+    sides: tuple[Annotated[int, Range(32, 64)], ...] = (32,)
+    plain: float = 1.0
+    family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
+    note: Annotated[str, MaxLength(5)] = ""
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "expected", "given"),
+    [
+        ({"count": 0}, "count", ">= 1", "0"),
+        ({"rate": 1}, "rate", "in [0, 1)", "1.0"),
+        ({"clip": 0}, "clip", "> 0", "0.0"),
+        ({"sides": [32, 65]}, "sides[1]", "in [32, 64]", "65"),
+        ({"plain": float("nan")}, "plain", "a finite number", "nan"),
+        ({"clip": float("inf")}, "clip", "a finite number", "inf"),
+        ({"family": "yolo"}, "family", "one of 'gfl', 'retinanet', 'atss', 'fcos'", "'yolo'"),
+        ({"note": "longer"}, "note", "at most 5 characters long", "'longer'"),
+    ],
+)
+def test_ranges_finiteness_and_registries_are_checked_under_both_policies(
+    data, path, expected, given
+):
+    error = preset_error(data, Limits)
+    assert error.message == f"p.yaml: '{path}' must be {expected}, got {given}."
+    settable = path.split("[")[0]  # --set replaces the whole list
+    assert error.hint == f"Fix it in the preset or with --set {settable}=VALUE"
+    with pytest.raises(CheckpointError) as info:
+        parse(Limits, data, where="ck", policy=METADATA)
+    assert info.value.message == (
+        f"Checkpoint 'ck' metadata field '{path}' should be {expected}, got {given}."
+    )
+
+
+def test_a_registry_reads_its_table_when_parsing_so_later_entries_count(monkeypatch):
+    from crosskd_cli.families import FAMILIES
+
+    monkeypatch.setitem(FAMILIES, "yolo", FAMILIES["gfl"])
+    assert parse(Limits, {"family": "yolo"}, where="w", policy=PRESET).family == "yolo"
+    assert preset_error({"family": "gfll"}, Limits).hint.startswith("Did you mean 'gfl'?")
+
+
+def test_values_in_range_pass_unchanged_and_bounds_read_as_typed():
+    data = {"count": 1, "rate": 0, "clip": 35, "sides": [32, 64], "family": "fcos"}
+    assert parse(Limits, data, where="w", policy=PRESET) == Limits(
+        1, 0.0, 35.0, (32, 64), 1.0, "fcos"
+    )
+    assert Range(0, 1).words() == "in [0, 1]" and Range(0.5).words() == ">= 0.5"

@@ -59,6 +59,7 @@ def evaluate(
     from crosskd_cli.progress import progress_bar
     from crosskd_cli.runs import write_json
 
+    check_eval_options(backend, batch_size)
     source = eval_data_source(checkpoint, data, val_ann, val_images, console)
     out = out or checkpoint.parent / f"eval-{checkpoint.stem}"
     targets = [out / "predictions.json", out / "metrics.json"]
@@ -101,6 +102,19 @@ def evaluate(
             f"{report.metrics['AP']:.3f}.[/]"
         )
     console.print(f"Wrote {targets[0]} and {targets[1]}.")
+
+
+def check_eval_options(backend: str, batch_size: int | None) -> None:
+    """Refuse option values before any data is generated or any image predicted."""
+    from crosskd_cli.errors import OptionError
+    from crosskd_cli.metrics import check_backend
+
+    check_backend(backend)
+    if batch_size is not None and batch_size < 1:
+        raise OptionError(
+            f"--batch-size must be at least 1, got {batch_size}.",
+            hint="Leave it out to use the batch size the checkpoint was evaluated with.",
+        )
 
 
 def eval_data_source(

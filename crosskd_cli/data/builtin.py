@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from crosskd_cli.bounded import load_json
 from crosskd_cli.errors import DataError
 
 GENERATOR_VERSION = 2  # part of the cache key: bump whenever the pictures or the json change
@@ -76,7 +77,10 @@ class ShapesParams:
         return f"shapes-v{GENERATOR_VERSION}-{knobs}"
 
 
-LIMITS = {"seed": (0, 2**32 - 1), "images": (1, 10**6), "val": (1, 10**6), "size": (64, 4096)}
+# A spec also arrives from a checkpoint's metadata (`crosskd eval FILE` generates what it
+# names), so the limits keep the work a spec can ask for bounded: 200k images of 2048 px is
+# already hours of generation; the drawing needs 64 px to place 8 px objects.
+LIMITS = {"seed": (0, 2**32 - 1), "images": (1, 200_000), "val": (1, 200_000), "size": (64, 2048)}
 LIMITS["difficulty"] = (0, 2)
 
 
@@ -184,7 +188,7 @@ def _install(tmp: Path, root: Path, params: ShapesParams) -> None:
 def _is_complete(root: Path, params: ShapesParams) -> bool:
     """The manifest must exist, match the parameters and match the files now on disk."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = load_json((root / MANIFEST).read_text())
         if manifest["version"] != GENERATOR_VERSION or manifest["params"] != asdict(params):
             return False
         splits = manifest["splits"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 from collections.abc import Callable
@@ -19,13 +18,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from crosskd_cli.data.transforms import (
-    MIN_BOX_SIZE,
-    build_transforms,
-    keep_ratio_size,
-    transform_sample,
-)
-from crosskd_cli.errors import DataError
+from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
+from crosskd_cli.data.boxes import index_boxes
+from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
+from crosskd_cli.data.transforms import build_transforms, transform_sample
+from crosskd_cli.errors import CrossKDError, DataError
+from crosskd_cli.schema import shown
 from crosskd_cli.structures import Target
 
 
@@ -58,6 +56,18 @@ REQUIRED: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Annotation fields the COCO evaluators read but exports often leave out (a missing one was a
+# KeyError after the whole prediction pass): field -> (default, check, what the check expects)
+EVALUATED: dict[str, tuple[Callable[[dict], Any], Callable[[Any], bool], str]] = {
+    "iscrowd": (lambda a: 0, lambda v: isinstance(v, int) and v in (0, 1), "0 or 1"),
+    "area": (lambda a: a["bbox"][2] * a["bbox"][3], _is_number, "a number"),
+}
+
+
 def load_coco_json(path: Path) -> COCO:
     """Read and check a COCO instances json; a missing key or bad entry field is named."""
     if not path.is_file():
@@ -66,7 +76,13 @@ def load_coco_json(path: Path) -> COCO:
             hint="Expected a COCO instances json (e.g. annotations/instances_val2017.json).",
         )
     try:
-        data = json.loads(path.read_bytes())
+        # Too large to walk in Python (COCO's train json is 450 MB): only what the decoder
+        # itself cannot nest is refused here; _check_coco bounds what is deep-copied later.
+        data = load_json(path.read_bytes(), max_depth=None)
+    except Unbounded as exc:
+        raise DataError(
+            f"{path} is not COCO: its JSON is {exc}.", hint="Re-export the file."
+        ) from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are both
         raise DataError(f"{path} is not valid JSON ({exc}).", hint="Re-export the file.") from None
     _check_coco(path, data)
@@ -98,11 +114,32 @@ def _check_coco(path: Path, data: Any) -> None:
             bad = next((k for k, e in enumerate(entries) if not check(e[field])), None)
             if bad is not None:
                 raise DataError(
-                    f"{path} is not COCO: {key}[{bad}].{field} is {entries[bad][field]!r}, "
+                    f"{path} is not COCO: {key}[{bad}].{field} is {shown(entries[bad][field])}, "
                     f"expected {expected}.",
                     hint=f"Fix that entry of '{key}' (bbox is [x, y, width, height] in pixels).",
                 )
     _check_references(path, data)
+    _fill_evaluated(path, data["annotations"])
+    # pycocotools deep-copies the categories for every evaluation (loadRes): recursion
+    if depth(data["categories"], stop=MAX_DEPTH) > MAX_DEPTH:
+        raise DataError(
+            f"{path} is not COCO: its 'categories' are nested deeper than {MAX_DEPTH} levels.",
+            hint="Each category is an object with an integer 'id' and a 'name'.",
+        )
+
+
+def _fill_evaluated(path: Path, annotations: list[dict]) -> None:
+    """Give each annotation the EVALUATED fields (the box's area, not crowd) it lacks."""
+    for k, ann in enumerate(annotations):
+        for field, (default, check, expected) in EVALUATED.items():
+            if field not in ann:
+                ann[field] = default(ann)
+            elif not check(ann[field]):
+                raise DataError(
+                    f"{path} is not COCO: annotations[{k}].{field} is {shown(ann[field])}, "
+                    f"expected {expected}.",
+                    hint=f"Fix that annotation, or leave '{field}' out to use the default.",
+                )
 
 
 def _check_references(path: Path, data: dict) -> None:
@@ -149,16 +186,20 @@ class CocoDetection(Dataset):
     """Images and boxes of one COCO split, resized (not normalised) for a detector.
 
     Labels are contiguous 0..C-1 in the order of sorted category ids; `category_ids[label]`
-    maps them back and `class_names[label]` names them. Crowd boxes never become targets.
-    Boxes are clipped to the image; boxes empty after clipping or under 1 px once resized are
-    dropped. Training (`train=True`) skips images left without boxes; evaluation keeps every
-    image. Missing image files stop construction (a cheap stat of every file).
+    maps them back and `class_names[label]` names them. Crowd boxes never become targets;
+    invalid ones (nan, inf, negative sizes) are dropped. Boxes are clipped to the decoded
+    image's pixels when it is read (not to the json's width and height, which can be wrong);
+    boxes empty after clipping or under 1 px once resized are dropped. Training
+    (`train=True`) skips images without boxes, judged by the json's sizes so that no image is
+    decoded up front, and refuses a split where none is left; evaluation keeps every image.
+    Missing image files stop construction (a cheap stat of every file). `drop_report()`
+    counts everything left out.
 
     Unreadable images are only found when read (decoding every image up front would cost as
     much as an epoch): by default reading one raises a DataError naming it; with
     `skip_bad_images` the next readable image (in index order, wrapping around) is returned in
-    its place and `num_skipped` counts distinct bad images. With DataLoader workers each worker
-    process keeps its own count, so `num_skipped` in the main process only sees its own reads.
+    its place. Either is seen the same in the main process with DataLoader workers
+    (`failures.py`).
     """
 
     def __init__(
@@ -184,7 +225,6 @@ class CocoDetection(Dataset):
         self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.train = train
         self.skip_bad_images = skip_bad_images
-        self.skipped: set[int] = set()
         self.transforms = build_transforms(train, scale, flip_prob, short_sides)
         # (seed, epoch) of the random augmentation, in shared memory so that persistent
         # DataLoader workers see each new epoch (see `set_epoch`)
@@ -192,13 +232,35 @@ class CocoDetection(Dataset):
         self._check_files_exist()
         # Multi-scale: keep a box if it survives the largest scale; smaller draws drop it later
         largest = scale if short_sides is None or not train else (max(scale), short_sides[1])
-        self._targets = self._index_targets(largest)
+        index = index_boxes(self.coco, self.category_ids, largest)
+        self._targets, self._counts = index.targets, index.counts
         ids = sorted(self.coco.imgs)
-        self.image_ids: list[int] = [i for i in ids if i in self._targets] if train else ids
+        self.image_ids: list[int] = [i for i in ids if i in index.has_boxes] if train else ids
+        if train and not self.image_ids:
+            raise _no_training_images(self.ann_file, self._counts, largest)
+        self._log = ReadLog(ids)
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped)
+        """Distinct unreadable images skipped so far, in any process (`skip_bad_images`)."""
+        return self._log.count("unreadable")
+
+    def drop_report(self) -> dict[str, int]:
+        """What this split left out, as plain counts (see `boxes.index_boxes`).
+
+        images, annotations: as listed in the json; crowd_boxes, invalid_boxes,
+        degenerate_boxes, clipped_boxes, images_without_boxes: counted up front, once;
+        images_used: len(self); unreadable_images_skipped and images_size_mismatch (decoded
+        pixels differ from the json's width/height; boxes clipped to the pixels): distinct
+        images met so far by any DataLoader worker of this process. Under several processes
+        (DDP) each counts the images of its own shard: sum the last two across processes.
+        """
+        return {
+            **self._counts,
+            "images_used": len(self),
+            "unreadable_images_skipped": self._log.count("unreadable"),
+            "images_size_mismatch": self._log.count("size_mismatch"),
+        }
 
     def set_epoch(self, epoch: int, seed: int = 0) -> None:
         """Key the random augmentation (flip, multi-scale) of every sample of this epoch.
@@ -227,35 +289,19 @@ class CocoDetection(Dataset):
                 hint="Check that the image folder belongs to this annotation file.",
             )
 
-    def _index_targets(self, scale: tuple[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """image id -> (boxes (N, 4) float32 xyxy in original pixels, labels (N,) int64), for
-        images with at least one usable box; vectorised over all annotations at once."""
-        anns = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
-        label_of = {cid: k for k, cid in enumerate(self.category_ids)}
-        image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64)
-        labels = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        imgs = self.coco.imgs
-        size = np.array([(imgs[i]["width"], imgs[i]["height"]) for i in image_ids.tolist()])
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        boxes = boxes.clip(0, np.tile(size.reshape(-1, 2), 2))
-        # Drop here what the transforms would drop, so a training image keeps only if it
-        # really yields targets: the resize factor of each box's image, as the resize uses.
-        factor = {i: _resize_factor(info, scale) for i, info in imgs.items()}
-        box_factor = np.array([factor[i] for i in image_ids.tolist()]).reshape(-1, 2)
-        keep = ((boxes[:, 2:] - boxes[:, :2]) * box_factor >= MIN_BOX_SIZE).all(axis=1)
-        image_ids, boxes, labels = image_ids[keep], boxes[keep].astype(np.float32), labels[keep]
-        order = np.argsort(image_ids, kind="stable")
-        ids, starts = np.unique(image_ids[order], return_index=True)
-        box_groups = np.split(boxes[order], starts[1:])
-        label_groups = np.split(labels[order], starts[1:])
-        # zip stops at len(ids): with no boxes at all np.split still returns one empty group
-        return {int(i): (b, lab) for i, b, lab in zip(ids, box_groups, label_groups, strict=False)}
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        """(image (3, h, w) uint8 RGB resized, Target in resized coordinates)."""
+    def __getitem__(self, index: int) -> tuple[Tensor, Target] | FailedSample:
+        """(image (3, h, w) uint8 RGB resized, Target in resized coordinates); inside a
+        DataLoader worker, a FailedSample instead of raising a CrossKDError."""
         if not -len(self) <= index < len(self):  # plain iteration stops on IndexError
             raise IndexError(f"index {index} out of range for {len(self)} images")
+        try:
+            return self._readable_sample(index)
+        except CrossKDError as err:
+            if not in_worker():
+                raise
+            return failed(err)
+
+    def _readable_sample(self, index: int) -> tuple[Tensor, Target]:
         for offset in range(len(self.image_ids)):
             image_id = self.image_ids[(index + offset) % len(self.image_ids)]
             try:
@@ -264,7 +310,7 @@ class CocoDetection(Dataset):
             except DataError:
                 if not self.skip_bad_images:
                     raise
-                self.skipped.add(image_id)
+                self._log.mark("unreadable", image_id)
         raise DataError(
             f"No image in {self.image_dir} could be read.",
             hint="Check the image folder; every image failed to decode.",
@@ -283,8 +329,11 @@ class CocoDetection(Dataset):
             yield
 
     def _sample(self, image_id: int) -> tuple[Tensor, Target]:
-        image = read_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        info = self.coco.imgs[image_id]
+        image = read_image(self.image_dir / info["file_name"])
         height, width = image.shape[-2:]
+        if (height, width) != (info["height"], info["width"]):
+            self._log.mark("size_mismatch", image_id)
         boxes, labels = self._targets.get(image_id, _NO_TARGETS)
         boxes = torch.from_numpy(boxes.copy())
         # The json's width/height may disagree with the file; the decoded pixels win.
@@ -300,7 +349,21 @@ class CocoDetection(Dataset):
 _NO_TARGETS = (np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64))
 
 
-def _resize_factor(info: dict, scale: tuple[int, int]) -> tuple[float, float]:
-    """(sx, sy) that `KeepRatioResize` applies to an image of the json's width and height."""
-    new_h, new_w = keep_ratio_size(info["height"], info["width"], scale)
-    return new_w / info["width"], new_h / info["height"]
+def _no_training_images(ann_file: Path, counts: dict[str, int], scale) -> DataError:
+    """Training needs one box; name what removed them all, before any sampler or model."""
+    reasons = [
+        f"{counts[key]} {words}"
+        for key, words in (
+            ("crowd_boxes", "crowd"),
+            ("degenerate_boxes", f"empty or under 1 px at scale {list(scale)}"),
+            ("invalid_boxes", "invalid (nan, inf or negative size)"),
+        )
+        if counts[key]
+    ]
+    what = f"; of its {counts['annotations']} boxes: " + ", ".join(reasons) if reasons else ""
+    return DataError(
+        f"No training images with boxes in {ann_file}: none of its {counts['images']} images "
+        f"has a usable box{what}.",
+        hint="Training needs non-crowd boxes of at least 1 px after resizing: check the "
+        "annotations' iscrowd and bbox [x, y, width, height], or a larger data.scale.",
+    )

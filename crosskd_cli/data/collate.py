@@ -6,17 +6,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from crosskd_cli.data.failures import FailedSample
 from crosskd_cli.structures import Batch, Target
 
 SIZE_DIVISOR = 32  # the backbone's C5 stride: C3-C5 then tile the padded image exactly
 
 
-def collate(samples: list[tuple[Tensor, Target]]) -> Batch:
+def collate(samples: list[tuple[Tensor, Target] | FailedSample]) -> Batch | FailedSample:
     """Stack (image (3, h, w) uint8, Target) samples into one Batch.
 
     Images are zero-padded on the right and bottom to the batch's largest h and w, each rounded
     up to a multiple of 32: images (B, 3, H, W); image_sizes keeps every unpadded (h, w).
+    A sample a worker failed to read stands in for the whole batch (`failures.py`).
     """
+    failure = next((s for s in samples if isinstance(s, FailedSample)), None)
+    if failure is not None:
+        return failure
     images = [image for image, _ in samples]
     sizes = [tuple(image.shape[-2:]) for image in images]
     height = -(-max(h for h, _ in sizes) // SIZE_DIVISOR) * SIZE_DIVISOR

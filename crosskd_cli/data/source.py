@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crosskd_cli.bounded import load_json
 from crosskd_cli.data.builtin import ensure_shapes, parse_params
 from crosskd_cli.errors import DataError
 
@@ -106,12 +107,15 @@ def _layout(root: Path) -> tuple[Path, Path, Path, Path]:
 
 def _recorded_paths(spec: str) -> list[Path | None]:
     try:
-        paths = json.loads(spec.removeprefix(CUSTOM_PREFIX))
+        paths = load_json(spec.removeprefix(CUSTOM_PREFIX))  # from a checkpoint: bounded
         if not (isinstance(paths, list) and len(paths) == 4):
             raise ValueError
+        if not all(p is None or isinstance(p, str) for p in paths):
+            raise ValueError
     except ValueError:
+        shown = spec if len(spec) <= 120 else f"{spec[:100]}... ({len(spec)} characters)"
         raise DataError(
-            f"Data spec '{spec}' is not a valid recorded custom data set.",
+            f"Data spec '{shown}' is not a valid recorded custom data set.",
             hint="Pass --val-ann and --val-images (and --train-*) explicitly instead.",
         ) from None
     return [Path(p) if p else None for p in paths]

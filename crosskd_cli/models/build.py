@@ -19,6 +19,7 @@ from crosskd_cli.models.fpn import FPN
 from crosskd_cli.specs import ModelSpec
 
 T = TypeVar("T")
+MAX_ANCHOR_RATIOS = 16  # RetinaNet uses 3
 
 # name -> factory(frozen_stages, norm_eval)
 BACKBONES: dict[str, Callable[..., Backbone]] = {
@@ -77,15 +78,19 @@ def check_spec(spec: ModelSpec) -> None:
             hint="Use (8, 16, 32, 64, 128) (P3-P7), or a prefix of at least (8, 16, 32).",
         )
     get_family(spec.family).criterion.check_spec(spec)
-    for name, value, low in (
-        ("num_classes", spec.num_classes, 1),
-        ("reg_max", spec.reg_max, 1),
-        ("stacked_convs", spec.stacked_convs, 0),
-        ("scales_per_octave", spec.scales_per_octave, 1),
-        ("anchor_ratios (count)", len(spec.anchor_ratios), 1),
+    # A spec built in code skips the schema's ranges (crosskd_cli.specs); the list length has
+    # no schema range: a checkpoint's metadata listing 10^6 ratios must not allocate the head.
+    for name, value, low, high in (
+        ("num_classes", spec.num_classes, 1, None),
+        ("reg_max", spec.reg_max, 1, None),
+        ("stacked_convs", spec.stacked_convs, 0, None),
+        ("scales_per_octave", spec.scales_per_octave, 1, None),
+        ("anchor_ratios (count)", len(spec.anchor_ratios), 1, MAX_ANCHOR_RATIOS),
     ):
         if value < low:
             raise ModelError(f"{name}={value} is too small.", hint=f"Use a value >= {low}.")
+        if high is not None and value > high:
+            raise ModelError(f"{name}={value} is too large.", hint=f"Use a value <= {high}.")
 
 
 def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) -> Detector:
