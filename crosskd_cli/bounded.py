@@ -12,6 +12,7 @@ deeper than `MAX_DEPTH` levels, with an `Unbounded` error the caller words for i
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import yaml
@@ -48,6 +49,12 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` as a string: its floats need a dot. Users write learning
+# rates that way on the command line and in presets, so scientific notation is a float too.
+_SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:

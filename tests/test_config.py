@@ -207,3 +207,12 @@ def test_presets_ship_inside_the_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).name for n in names if n.startswith("crosskd_cli/presets/")}
     assert {f"{name}.yaml" for name in list_presets()} <= shipped
+
+
+def test_scientific_notation_is_a_number_on_the_command_line_and_in_presets(tmp_path):
+    """YAML 1.1 would read 1e-3 as a string; learning rates are written that way."""
+    assert load_preset("gfl-r50", ["train.lr=1e-3"]).train.lr == 0.001
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  lr: 2.5E-4\n  weight_decay: 5e-2\n")
+    preset = load_preset(str(path))
+    assert (preset.train.lr, preset.train.weight_decay) == (0.00025, 0.05)
