@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from crosskd_cli import __version__
@@ -73,9 +74,10 @@ def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
                 label, code = "[bold yellow]Interrupted:[/]", exc.exit_code
             else:
                 label, code = "[bold red]Error:[/]", 2
-            err_console.print(f"{label} {exc.message}", markup=True, highlight=False)
+            # escaped: messages quote user values such as --set data.scale=[640,480]
+            err_console.print(f"{label} {escape(exc.message)}", markup=True, highlight=False)
             if exc.hint:
-                err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+                err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
             raise typer.Exit(code=code) from None
 
     return wrapper

@@ -79,7 +79,13 @@ class TrainConfig:
     # with AVX512-BF16/AMX), fp32 elsewhere. The training step only; evaluation stays fp32.
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # model initialisation and data order
-    log_interval: Count = 10  # iterations between loss syncs for logging
+    # Iterations between loss syncs: each writes a record to RUN/log.jsonl (and the trackers),
+    # and a plain line when the output is not a terminal (logs, nohup, Slurm)
+    log_interval: Count = 10
+    # Experiment trackers through Accelerate, e.g. [tensorboard] or [wandb] (their packages:
+    # pip install 'crosskd-cli[tensorboard]'); logs go to RUN/trackers/
+    log_with: tuple[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml",
+                            "dvclive"], ...] = ()  # fmt: skip
     # Save the resumable state every N iterations within an epoch too (0: at epoch ends only),
     # so a kill mid-epoch loses at most N iterations; SIGTERM and Ctrl-C save at once
     state_interval: Index = 500

@@ -7,6 +7,8 @@ writes a checkpoint. The only module that imports accelerate.
 
 from __future__ import annotations
 
+import json
+import resource
 import signal
 import threading
 import time
@@ -106,8 +108,9 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return requested
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """One Accelerator per run: device, processes, fp16 mixed precision, seedable data order.
+def make_accelerator(cfg: TrainConfig, run: RunDir | None = None) -> Accelerator:
+    """One Accelerator per run: device, processes, fp16 mixed precision, seedable data order,
+    and the experiment trackers of `train.log_with` (writing under RUN/trackers/).
 
     bf16 is not handed to Accelerate: it would also autocast the model's forward for good, so
     evaluation during training would run in bf16 and `crosskd eval` (fp32) could not reproduce
@@ -117,14 +120,32 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     process_state()  # fixes CPU-or-GPU before the Accelerator reads it
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.mixed_precision, device_type)
+    trackers = list(cfg.log_with)
+    check_trackers(trackers)
     accelerator = Accelerator(
         cpu=device_type == "cpu",
         mixed_precision="fp16" if precision == "fp16" else "no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the schedule is per iteration, stepped by hand
+        log_with=trackers or None,
+        project_dir=str(run.root / "trackers") if run is not None and trackers else None,
     )
     set_seed(cfg.seed, device_specific=False)
     return accelerator
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each tracker's package must be installed: say which extra brings it, before any work."""
+    from accelerate.utils import imports
+
+    for name in names:
+        available = getattr(imports, f"is_{name}_available", lambda: False)
+        if not available():
+            raise RunError(
+                f"train.log_with names '{name}', but its package is not installed.",
+                hint=f"pip install 'crosskd-cli[{name}]' (or pip install {name}), or drop it "
+                "from train.log_with.",
+            )
 
 
 def scaled_lr(cfg: TrainConfig, num_processes: int) -> float:
@@ -329,22 +350,35 @@ class Trainer:
         )
         if resume:
             self._load_state()
+        self._session_start, self._session_wall = self.state.iteration, self.state.wall_time
         guard = NonFiniteGuard(optimizer, acc.device, scaler_skips=self.precision == "fp16")
         watcher = ZeroWatch(watch_zero)
         if self.precision != "no" and self.is_main:
             self.console.print(f"[dim]Training steps in {self.precision} mixed precision.[/]")
+        if self.cfg.log_with:
+            acc.init_trackers("crosskd", config=_scalars(asdict(self.cfg)))
         with self.stop, self._progress() as progress:
             task = progress.add_task(
-                "train", total=total, completed=self.state.iteration, losses=""
+                self._epoch_text(iters_per_epoch, total),
+                total=total,
+                completed=self.state.iteration,
+                losses="",
             )
             loop = _Loop(model, step_fn, train_loader, optimizer, scheduler, total, guard)
             while self.state.iteration < total:
+                progress.update(task, description=self._epoch_text(iters_per_epoch, total))
                 self._train_epoch(loop, progress, task, watcher)
                 if self.state.epoch_step >= iters_per_epoch or self.state.iteration >= total:
                     self._end_epoch(model, evaluate_fn, save_fn, total)
                 if self._stop_agreed():
                     self._stop_now()
+        if self.cfg.log_with:
+            acc.end_training()
         return self.state
+
+    def _epoch_text(self, iters_per_epoch: int, total: int) -> str:
+        epochs = -(-total // iters_per_epoch)
+        return f"epoch {min(self.state.epoch + 1, epochs)}/{epochs}"
 
     # --------------------------------------------------------------------- one epoch
 
@@ -358,6 +392,7 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         kept = torch.zeros((), device=acc.device)  # steps whose losses count in the means
         started = time.perf_counter()
+        interval = _Interval(started, state.iteration)
         loop.model.train()
         for batch in batches:
             with self.autocast():
@@ -376,11 +411,14 @@ class Trainer:
             kept += 1 - found
             state.iteration += 1
             state.epoch_step += 1
+            progress.update(task, completed=state.iteration)  # the bar moves every step
             if state.iteration % cfg.log_interval == 0 or state.iteration == loop.total:
                 means = {k: (v / kept).item() for k, v in sums.items()}  # the one sync
                 self._check_finite(loop.guard, losses)
                 watcher.check(means, state.iteration, self.console if self.is_main else None)
-                progress.update(task, completed=state.iteration, losses=_loss_text(means))
+                progress.update(task, losses=_loss_text(means))
+                wall = state.wall_time + time.perf_counter() - started
+                self._log_interval(loop, interval, means, wall)
             if state.iteration >= loop.total or state.epoch_step >= len(loader):
                 break
             if self._stop_agreed():
@@ -401,6 +439,39 @@ class Trainer:
             row["skipped_steps"] = int(loop.guard.total.item())
             row["seconds"] = round(state.wall_time, 1)
             self._pending_row = row
+
+    def _log_interval(
+        self, loop: _Loop, interval: _Interval, means: dict[str, float], wall: float
+    ) -> None:
+        """One record per log interval: to RUN/log.jsonl, the trackers, and a plain line when
+        the output is not a terminal (a log file would otherwise stay silent for an epoch)."""
+        state, acc = self.state, self.accelerator
+        now = time.perf_counter()
+        steps = state.iteration - interval.iteration
+        images = steps * self.cfg.batch_size * acc.num_processes
+        session_steps = max(state.iteration - self._session_start, 1)
+        record = {
+            "iteration": state.iteration,
+            "epoch": state.epoch + 1,
+            "lr": loop.scheduler.get_last_lr()[0],
+            **means,
+            "skipped_steps": int(loop.guard.total.item()),
+            "images_per_s": round(images / max(now - interval.started, 1e-9), 2),
+            "eta_s": round(
+                (wall - self._session_wall) / session_steps * (loop.total - state.iteration), 1
+            ),  # fmt: skip
+            "max_memory_mb": round(peak_memory_mb(acc.device), 1),
+            "seconds": round(wall, 1),
+        }
+        interval.started, interval.iteration = now, state.iteration
+        if self.cfg.log_with:
+            acc.log(record, step=state.iteration)
+        if not self.is_main:
+            return
+        with self.run.log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.console.is_terminal:
+            self.console.print(interval_line(record, loop.total), highlight=False, soft_wrap=True)
 
     def _check_finite(self, guard: NonFiniteGuard, losses: dict[str, Tensor]) -> None:
         """At a log interval: stop a run whose steps have all been skipped for too long."""
@@ -524,8 +595,9 @@ class Trainer:
             )
         self.accelerator.load_state(str(self.run.state))
         self.state = TrainerState(**marker)
-        if self.is_main:  # rows of epochs the restored state has not finished are redone
+        if self.is_main:  # rows and records the restored state has not reached are redone
             keep_results_until(self.run, self.state.epoch)
+            keep_log_until(self.run.log, self.state.iteration)
 
     def _progress(self) -> Progress:
         """The live bar, on the main process of a terminal; logs get `epoch_line`s instead
@@ -584,3 +656,49 @@ def _loss_text(means: dict[str, float]) -> str:
     total = sum(means.values())  # a NaN term makes the total NaN: never hidden
     parts = [f"loss {total:.3f}"] + [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items()]
     return " ".join(parts)
+
+
+@dataclass
+class _Interval:
+    """Where the current log interval started: wall clock and iteration."""
+
+    started: float
+    iteration: int
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the GPU's allocator on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def interval_line(record: dict[str, Any], total: int) -> str:
+    """The plain line of one log interval: iteration, epoch, losses, lr, speed, ETA, memory."""
+    losses = {k: v for k, v in record.items() if k.startswith(("loss_", "kd_"))}
+    skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
+    return (
+        f"iter {record['iteration']}/{total}  epoch {record['epoch']}  {_loss_text(losses)}  "
+        f"lr {record['lr']:.3g}  {record['images_per_s']:.1f} img/s  "
+        f"eta {record['eta_s'] / 60:.1f} min  mem {record['max_memory_mb']:.0f} MB{skipped}"
+    )
+
+
+def keep_log_until(path: Path, iteration: int) -> None:
+    """Drop log.jsonl records past `iteration`: the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _record_iteration(line) <= iteration]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_iteration(line: str) -> float:
+    try:
+        return float(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line a kill cut short
+
+
+def _scalars(config: dict[str, Any]) -> dict[str, Any]:
+    """Tracker configs take scalars only (TensorBoard's hparams): lists become strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}

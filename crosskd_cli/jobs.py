@@ -154,7 +154,7 @@ def train_detector(
     """`crosskd teacher`: train the preset's detector on the ground truth alone."""
     splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
-    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
+    trainer = Trainer(make_accelerator(preset.train, run), preset.train, run, console, resume_hint)
     model = build_detector(spec, backbone_weights=backbone_weights)
     criterion = build_criterion(spec)
     reduce_mean = trainer.reduce_mean
@@ -232,7 +232,7 @@ def distill_student(
     cfg = resolve_distill(preset.distill, get_family(spec.family).kd_defaults)
     preset = dataclasses.replace(preset, distill=cfg)
     check_pair(teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg)
-    trainer = Trainer(make_accelerator(preset.train), preset.train, run, console, resume_hint)
+    trainer = Trainer(make_accelerator(preset.train, run), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
     teacher_ap = teacher_meta.metrics.get("AP")
     if eval_teacher:

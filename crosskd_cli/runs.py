@@ -49,6 +49,11 @@ class RunDir:
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
+    @property
+    def log(self) -> Path:
+        """One JSON record per log interval (iteration, losses, lr, speed, ETA, memory)."""
+        return self.root / "log.jsonl"
+
     def has_state(self) -> bool:
         """A complete resumable state, possibly still to be recovered after a kill mid-save."""
         state = self.state

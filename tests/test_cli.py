@@ -359,3 +359,30 @@ def test_every_family_trains_distills_and_evaluates_end_to_end(family, tmp_path)
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["AP"] == meta.metrics["AP"]
+
+
+def test_a_run_logs_every_interval_to_log_jsonl_the_console_and_a_tracker(tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "teacher", "--preset", "shapes-gfl-r18", *TINY, "--set", "train.log_interval=1",
+        "--set", "train.log_with=[tensorboard]", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert {"epoch", "lr", "loss_qfl", "images_per_s", "eta_s", "max_memory_mb"} <= set(records[0])
+    assert records[-1]["eta_s"] == 0.0 and records[0]["images_per_s"] > 0
+    lines = [line for line in result.output.splitlines() if line.startswith("iter ")]
+    assert len(lines) == 3 and "img/s" in lines[0] and "eta" in lines[0] and "mem" in lines[0]
+    assert list((out / "trackers").rglob("events.out.tfevents*"))  # TensorBoard's own file
+
+
+def test_a_tracker_whose_package_is_missing_is_named_before_training(tmp_path):
+    result = runner.invoke(
+        app,
+        ["teacher", "--preset", "shapes-gfl-r18", *TINY, "--set", "train.log_with=[wandb]",
+         "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "train.log_with names 'wandb', but its package is not installed." in result.output
+    assert "pip install 'crosskd-cli[wandb]'" in result.output
