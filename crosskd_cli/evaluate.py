@@ -12,8 +12,8 @@ from rich.console import Console
 from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
-from crosskd_cli.data import CocoDetection, DataSource, build_loader
-from crosskd_cli.errors import DataError
+from crosskd_cli.data import CocoDetection, DataSource, build_eval_loader
+from crosskd_cli.errors import DataError, RunError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
 from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
@@ -50,30 +50,51 @@ def predict(
     gather: Gather | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `model` (a Detector) over `loader` and return every detection as a COCO result.
+    """Run `model` (a Detector) over `loader` and return every detection as a COCO result,
+    image by image in ascending image id, whatever the batching or the number of processes.
 
-    `gather` collects per-image result lists from every process (Accelerate's
-    gather_for_metrics with objects), so each process returns the whole list.
+    The loader yields a `Batch`, or a list of them (`build_eval_loader`: one per padded size).
+    `gather` collects per-image results from every process (Accelerate's gather_for_metrics
+    with objects), so each process returns the whole list. An image met twice (Accelerate
+    repeats batches to give every process as many) counts once; an image of `loader.dataset`
+    never met is an error rather than a silently lower AP.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    results: list[dict[str, Any]] = []
-    for batch in loader:
-        batch = batch.to(device)
-        out = model(batch.images, batch.image_sizes)
-        dets = postprocess(out.head, batch.image_sizes, model.spec)
-        per_image = [
-            to_coco_results(d, t, category_ids) for d, t in zip(dets, batch.targets, strict=True)
-        ]
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for item in loader:
+        per_image: list[tuple[int, list[dict[str, Any]]]] = []
+        for batch in item if isinstance(item, list) else [item]:
+            batch = batch.to(device)  # a failed read raises here (failures.py)
+            out = model(batch.images, batch.image_sizes)
+            dets = postprocess(out.head, batch.image_sizes, model.spec)
+            per_image += [
+                (t.image_id, to_coco_results(d, t, category_ids))
+                for d, t in zip(dets, batch.targets, strict=True)
+            ]
+        if on_batch is not None:
+            on_batch(len(per_image))
         if gather is not None:
             per_image = gather(per_image)
-        for image_results in per_image:
-            results.extend(image_results)
-        if on_batch is not None:
-            on_batch(len(batch.targets))
+        for image_id, image_results in per_image:
+            by_image.setdefault(image_id, image_results)
     model.train(was_training)
-    return results
+    _check_every_image_seen(loader, by_image)
+    return [result for image_id in sorted(by_image) for result in by_image[image_id]]
+
+
+def _check_every_image_seen(loader: torch.utils.data.DataLoader, seen: dict[int, Any]) -> None:
+    expected = getattr(loader.dataset, "image_ids", None)
+    if expected is None:
+        return
+    missing = [image_id for image_id in expected if image_id not in seen]
+    if missing:
+        raise RunError(
+            f"Evaluation predicted {len(seen)} of {len(expected)} images (image id "
+            f"{missing[0]} never reached the model); no metrics were computed from a part.",
+            hint="Please report this with the command and the number of processes.",
+        )
 
 
 def evaluate_model(
@@ -152,7 +173,7 @@ def evaluate_checkpoint(
     dataset = CocoDetection(data.val_ann, data.val_images, train=False, scale=meta.image_scale)
     check_same_classes(meta, dataset, data.spec)
     batch_size = batch_size or meta.eval_batch_size
-    loader = build_loader(dataset, batch_size=batch_size, shuffle=False)
+    loader = build_eval_loader(dataset, batch_size=batch_size)
     if on_start is not None:
         on_start(len(dataset))
     results = predict(model, loader, meta.category_ids, on_batch=on_batch)

@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_image
 from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
 from crosskd_cli.data.boxes import index_boxes
 from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
-from crosskd_cli.data.transforms import build_transforms, transform_sample
+from crosskd_cli.data.transforms import build_transforms, keep_ratio_size, transform_sample
 from crosskd_cli.errors import CrossKDError, DataError
 from crosskd_cli.schema import shown
 from crosskd_cli.structures import Target
@@ -224,6 +224,7 @@ class CocoDetection(Dataset):
         self.category_ids: list[int] = sorted(self.coco.cats)
         self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.train = train
+        self.scale = scale
         self.skip_bad_images = skip_bad_images
         self.transforms = build_transforms(train, scale, flip_prob, short_sides)
         # (seed, epoch) of the random augmentation, in shared memory so that persistent
@@ -273,6 +274,14 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def resized_sizes(self) -> list[tuple[int, int]]:
+        """Every image's (h, w) after the test-time resize to `scale`, by the json's width and
+        height (nothing is decoded): what evaluation groups its batches by."""
+        imgs = self.coco.imgs
+        return [
+            keep_ratio_size(imgs[i]["height"], imgs[i]["width"], self.scale) for i in self.image_ids
+        ]
 
     def _check_files_exist(self) -> None:
         folder = str(self.image_dir)
