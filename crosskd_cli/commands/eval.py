@@ -31,8 +31,10 @@ def evaluate(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per batch. Default: the batch size the checkpoint was "
-            "evaluated with, which reproduces its recorded AP exactly."
+            help="Images per batch, for speed and memory: the metrics do not depend on it "
+            "(each image is padded to its own multiple of 32 and batched only with images of "
+            "its padded size, as at batch size 1). Default: the batch size the checkpoint "
+            "was evaluated with."
         ),
     ] = None,
     out: Annotated[
