@@ -12,8 +12,8 @@ from rich.console import Console
 from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
-from crosskd_cli.data import CocoDetection, DataSource, build_eval_loader
-from crosskd_cli.errors import DataError, RunError
+from crosskd_cli.data import ClassList, CocoDetection, DataSource, build_eval_loader
+from crosskd_cli.errors import RunError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
 from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
@@ -106,7 +106,16 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """COCO metrics (`coco_metrics`' keys) of `model` on `dataset`, read through `loader`."""
     results = predict(model, loader, dataset.category_ids, gather=gather)
-    return coco_metrics(dataset.coco, results)
+    return coco_metrics(dataset.coco, scorable(results, dataset))
+
+
+def scorable(results: list[dict[str, Any]], dataset: CocoDetection) -> list[dict[str, Any]]:
+    """The results of categories `dataset`'s json lists: a model may predict classes a
+    validation json lacks (`CocoDetection.missing_classes`), which have nothing to score."""
+    if not dataset.missing_classes:
+        return results
+    listed = dataset.coco.cats
+    return [result for result in results if result["category_id"] in listed]
 
 
 def headline(metrics: dict[str, Any]) -> str:
@@ -142,18 +151,29 @@ class EvalReport:
     data: DataSource
     num_images: int
     batch_size: int
-    results: list[dict[str, Any]]
+    results: list[dict[str, Any]]  # the scored detections (of the classes the data lists)
     metrics: dict[str, Any]
+    class_warning: str | None = None  # the data lacks some of the model's classes
 
 
-def check_same_classes(meta: CheckpointMeta, dataset: CocoDetection, source: str) -> None:
-    """A model only measures data labelled with the classes it predicts."""
-    mismatch = meta.class_mismatch(dataset.class_names, dataset.category_ids, source)
-    if mismatch is not None:
-        raise DataError(
-            mismatch,
-            hint="Evaluate on data with the same category list the model was trained on.",
-        )
+EVAL_CLASSES_HINT = (
+    "Evaluate on data labelled with the checkpoint's classes (same category ids and names), "
+    "or drop the other categories and their boxes from the validation json."
+)
+
+
+def eval_dataset(checkpoint: Path, meta: CheckpointMeta, data: DataSource) -> CocoDetection:
+    """`data`'s validation split labelled with the checkpoint's classes: a category the model
+    does not predict is an error naming it; one it predicts that the data lacks, a warning."""
+    classes = ClassList(
+        tuple(meta.category_ids),
+        tuple(meta.class_names),
+        f"checkpoint {checkpoint.name}",
+        EVAL_CLASSES_HINT,
+    )
+    return CocoDetection(
+        data.val_ann, data.val_images, train=False, scale=meta.image_scale, classes=classes
+    )
 
 
 def evaluate_checkpoint(
@@ -170,12 +190,12 @@ def evaluate_checkpoint(
     state_dict, meta = load_checkpoint(checkpoint)
     model = build_detector(meta.model)
     load_state_into(model, state_dict, source=str(checkpoint))
-    dataset = CocoDetection(data.val_ann, data.val_images, train=False, scale=meta.image_scale)
-    check_same_classes(meta, dataset, data.spec)
+    dataset = eval_dataset(checkpoint, meta, data)
     batch_size = batch_size or meta.eval_batch_size
     loader = build_eval_loader(dataset, batch_size=batch_size)
     if on_start is not None:
         on_start(len(dataset))
-    results = predict(model, loader, meta.category_ids, on_batch=on_batch)
+    results = scorable(predict(model, loader, meta.category_ids, on_batch=on_batch), dataset)
     metrics = coco_metrics(dataset.coco, results, backend=backend, per_class=per_class)
-    return EvalReport(meta, data, len(dataset), batch_size, results, metrics)
+    warning = dataset.missing_classes_warning()
+    return EvalReport(meta, data, len(dataset), batch_size, results, metrics, warning)

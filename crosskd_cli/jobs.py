@@ -52,6 +52,9 @@ class Job:
 
 def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> ModelSpec:
     """A detector trained on a data set predicts that data set's classes."""
+    warning = splits.class_warning()  # a validation split without some training class
+    if warning is not None:
+        console.print(f"[bold yellow]Warning:[/] {warning}")
     if spec.num_classes != len(splits.class_names):
         console.print(
             f"[dim]The data has {len(splits.class_names)} classes; the preset's model had "

@@ -78,6 +78,8 @@ def evaluate(
             on_start=lambda n: bar.update(task, total=n),
             on_batch=lambda n: bar.advance(task, n),
         )
+    if report.class_warning is not None:
+        console.print(f"[bold yellow]Warning:[/] {report.class_warning}")
     write_json(targets[0], report.results)
     write_json(
         targets[1],
