@@ -13,6 +13,7 @@ from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
 from crosskd_cli.data import ClassList, CocoDetection, DataSource, build_eval_loader
+from crosskd_cli.engine import default_device
 from crosskd_cli.errors import RunError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
@@ -151,6 +152,7 @@ class EvalReport:
     data: DataSource
     num_images: int
     batch_size: int
+    device: torch.device
     results: list[dict[str, Any]]  # the scored detections (of the classes the data lists)
     metrics: dict[str, Any]
     class_warning: str | None = None  # the data lacks some of the model's classes
@@ -181,15 +183,19 @@ def evaluate_checkpoint(
     data: DataSource,
     *,
     batch_size: int | None = None,
+    device: torch.device | None = None,
     backend: str = "faster",
     per_class: bool = False,
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> EvalReport:
-    """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split."""
+    """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split,
+    in fp32 on `device` (default: the accelerator, as training's evaluation)."""
     state_dict, meta = load_checkpoint(checkpoint)
     model = build_detector(meta.model)
     load_state_into(model, state_dict, source=str(checkpoint))
+    device = device if device is not None else default_device()
+    model.to(device)
     dataset = eval_dataset(checkpoint, meta, data)
     batch_size = batch_size or meta.eval_batch_size
     loader = build_eval_loader(dataset, batch_size=batch_size)
@@ -198,4 +204,4 @@ def evaluate_checkpoint(
     results = scorable(predict(model, loader, meta.category_ids, on_batch=on_batch), dataset)
     metrics = coco_metrics(dataset.coco, results, backend=backend, per_class=per_class)
     warning = dataset.missing_classes_warning()
-    return EvalReport(meta, data, len(dataset), batch_size, results, metrics, warning)
+    return EvalReport(meta, data, len(dataset), batch_size, device, results, metrics, warning)

@@ -3,7 +3,6 @@ and batched only with images of the same padded size, under one process or sever
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -12,47 +11,11 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
 
-from crosskd_cli.checkpoint import make_meta, save_checkpoint
-from crosskd_cli.config import load_preset
-from crosskd_cli.data import CocoDetection, build_eval_loader, build_loader, resolve_data
+from crosskd_cli.data import CocoDetection, build_eval_loader, build_loader
 from crosskd_cli.data.collate import SameShapeBatches, collate_by_shape, padded_size
 from crosskd_cli.evaluate import evaluate_checkpoint, predict
-from crosskd_cli.models import build_detector
 from crosskd_cli.structures import Target
-from tests.conftest import make_coco, one_thread
-
-# (width, height): at data.scale [96, 96] these pad to 96x96, 96x64, 64x96, 96x32, 32x96
-SIZES = [(40, 30), (64, 48), (30, 40), (100, 60), (33, 33), (40, 30), (70, 20), (20, 70),
-         (50, 50), (48, 64), (31, 29), (90, 91), (96, 40)]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def mixed_sizes(tmp_path_factory):
-    """A COCO folder of 13 images of mixed sizes, one box each, and a random-weight GFL
-    checkpoint whose class bias is 0, so that it detects plenty (scores around 0.5)."""
-    root = tmp_path_factory.mktemp("mixed")
-    images = [
-        {"id": k + 1, "file_name": f"{k}.png", "width": w, "height": h}
-        for k, (w, h) in enumerate(SIZES)
-    ]
-    annotations = [
-        {"id": k + 1, "image_id": k + 1, "category_id": (3, 7)[k % 2], "bbox": [2, 3, w / 2, h / 2]}
-        for k, (w, h) in enumerate(SIZES)
-    ]
-    make_coco(root / "coco", images, annotations)
-    preset = load_preset("shapes-gfl-r18", ["data.scale=[96,96]"])
-    spec = dataclasses.replace(preset.model, num_classes=2)
-    torch.manual_seed(0)
-    model = build_detector(spec)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.cls_predictor.weight, std=0.3)
-        model.head.cls_predictor.bias.zero_()
-    meta = make_meta(
-        preset, spec, "teacher", class_names=["cat", "dog"], category_ids=[3, 7],
-        val_data=str(root / "coco"), training={},
-    )  # fmt: skip
-    save_checkpoint(root / "model.safetensors", model.state_dict(), meta)
-    return resolve_data(str(root / "coco")), root / "model.safetensors", model
+from tests.conftest import one_thread
 
 
 @pytest.fixture
@@ -67,9 +30,9 @@ def batch_invariant_kernels():
 
 
 def test_detections_and_metrics_are_identical_at_batch_size_1_and_8(
-    mixed_sizes, batch_invariant_kernels
+    mixed_size_checkpoint, batch_invariant_kernels
 ):
-    source, checkpoint, _ = mixed_sizes
+    source, checkpoint, _ = mixed_size_checkpoint
     one = evaluate_checkpoint(checkpoint, source, batch_size=1)
     eight = evaluate_checkpoint(checkpoint, source, batch_size=8)
     assert len(one.results) > 50  # enough detections for the comparison to mean something
@@ -79,11 +42,11 @@ def test_detections_and_metrics_are_identical_at_batch_size_1_and_8(
 
 
 def test_as_tensors_the_detections_are_equal_and_training_batches_would_not_be(
-    mixed_sizes, batch_invariant_kernels
+    mixed_size_checkpoint, batch_invariant_kernels
 ):
     """The same through `predict` as tensors; and the guard: padding every image of a batch
     to its largest (the training collate, evaluation's old way) changes them on this data."""
-    source, _, model = mixed_sizes
+    source, _, model = mixed_size_checkpoint
     dataset = CocoDetection(source.val_ann, source.val_images, train=False, scale=(96, 96))
 
     def as_tensors(results):
@@ -150,12 +113,12 @@ class ThreadGather:
 
 @pytest.mark.parametrize("processes,batch_size", [(2, 1), (3, 2), (4, 3)])
 def test_under_several_processes_every_image_counts_once_as_at_batch_size_1(
-    mixed_sizes, batch_invariant_kernels, processes, batch_size
+    mixed_size_checkpoint, batch_invariant_kernels, processes, batch_size
 ):
     """Accelerate's own sharding of the eval loader (short batches and all), `predict` in each
     process, a gather per batch: every process returns the detections of batch size 1 in one
     process, each image once, though Accelerate repeats batches to even the processes out."""
-    source, _, model = mixed_sizes
+    source, _, model = mixed_size_checkpoint
     dataset = CocoDetection(source.val_ann, source.val_images, train=False, scale=(96, 96))
     expected = predict(model, build_eval_loader(dataset, batch_size=1), [3, 7])
     shards = [
