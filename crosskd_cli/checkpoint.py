@@ -48,7 +48,9 @@ class CheckpointMeta:
     # prints and resolves it, so it is bounded (4 paths of PATH_MAX fit)
     val_data: Annotated[str, MaxLength(MAX_SPEC_LENGTH)]
     image_scale: tuple[Side, Side]  # test-time keep-ratio resize (long side, short side)
-    eval_batch_size: Count  # batch size of the recorded metrics (padding changes AP slightly)
+    # batch size of the recorded metrics: `eval`'s default, which repeats the exact batches;
+    # results do not depend on it (each image padded alone, collate.py), only kernels' last bits
+    eval_batch_size: Count
     crosskd_version: str  # the crosskd that wrote the file
     kind: str  # "teacher" or "student"
     training: dict[str, Any] = field(default_factory=dict)  # epochs, method, wall time, ...
@@ -106,7 +108,8 @@ def make_meta(
     metrics: dict[str, Any] | None = None,
 ) -> CheckpointMeta:
     """The metadata of weights made from `preset`, the one recipe for runs and imports alike:
-    the preset's test-time scale and eval batch size are what reproduce the recorded metrics."""
+    the preset's test-time scale is what reproduces the recorded metrics (its eval batch size,
+    recorded too, repeats the very batches)."""
     return CheckpointMeta(
         model=model,
         class_names=list(class_names),

@@ -74,7 +74,7 @@ class TrainConfig:
     gamma: Positive = 0.1
     grad_clip: Positive | None = None  # max gradient norm, None = no clipping
     eval_interval: Index = 0  # evaluate every N epochs (0 = only at the end)
-    eval_batch_size: Count = 8  # per process; recorded in checkpoints so `eval` matches exactly
+    eval_batch_size: Count = 8  # per process; speed only (AP does not depend on it); recorded
     # no, fp16, bf16, or auto: bf16 where the device runs it natively (a GPU with bf16, a CPU
     # with AVX512-BF16/AMX), fp32 elsewhere. The training step only; evaluation stays fp32.
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"

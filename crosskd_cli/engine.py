@@ -8,6 +8,7 @@ writes a checkpoint. The only module that imports accelerate.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import threading
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from crosskd_cli import state_dir
 from crosskd_cli.config import TrainConfig
-from crosskd_cli.errors import Interrupted, PresetError, RunError
+from crosskd_cli.errors import Interrupted, OptionError, PresetError, RunError
 from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import RunDir, append_results, keep_results_until
 from crosskd_cli.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
@@ -54,6 +55,41 @@ def process_state() -> PartialState:
     """The process group. Without a GPU, several processes (torchrun, accelerate launch) must be
     told they are CPU workers, or Accelerate runs each one alone, unaware of the others."""
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def default_device() -> torch.device:
+    """Where a model runs unless told otherwise: this process's accelerator (its own GPU under
+    torchrun), else the CPU; where training runs, so evaluation runs there too."""
+    return process_state().device
+
+
+DEVICES = "auto (the GPU if there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: auto, cpu, cuda or cuda:N -> a torch device that exists here; anything
+    else, or a GPU this machine does not have, is an OptionError before any work."""
+    if name == "auto":
+        return default_device()
+    match = re.fullmatch(r"cpu|cuda(?::(\d{1,4}))?", name)
+    if match is None:
+        raise OptionError(f"--device '{name}' is not known.", hint=f"Use {DEVICES}.")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "none found"
+        raise OptionError(
+            f"--device {name}: no CUDA GPU is available ({why}).",
+            hint="Use --device cpu (or auto, which falls back to the CPU).",
+        )
+    count = torch.cuda.device_count()
+    if int(match.group(1) or 0) >= count:
+        raise OptionError(
+            f"--device {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+            f"(cuda:0..cuda:{count - 1}).",
+            hint="Use cuda (the first) or one of the listed indices.",
+        )
+    return torch.device(name)
 
 
 def quiet_unless_main(console: Console) -> None:

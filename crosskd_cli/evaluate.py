@@ -12,8 +12,9 @@ from rich.console import Console
 from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
-from crosskd_cli.data import CocoDetection, DataSource, build_loader
-from crosskd_cli.errors import DataError
+from crosskd_cli.data import ClassList, CocoDetection, DataSource, build_eval_loader
+from crosskd_cli.engine import default_device
+from crosskd_cli.errors import RunError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
 from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
@@ -50,30 +51,51 @@ def predict(
     gather: Gather | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run `model` (a Detector) over `loader` and return every detection as a COCO result.
+    """Run `model` (a Detector) over `loader` and return every detection as a COCO result,
+    image by image in ascending image id, whatever the batching or the number of processes.
 
-    `gather` collects per-image result lists from every process (Accelerate's
-    gather_for_metrics with objects), so each process returns the whole list.
+    The loader yields a `Batch`, or a list of them (`build_eval_loader`: one per padded size).
+    `gather` collects per-image results from every process (Accelerate's gather_for_metrics
+    with objects), so each process returns the whole list. An image met twice (Accelerate
+    repeats batches to give every process as many) counts once; an image of `loader.dataset`
+    never met is an error rather than a silently lower AP.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    results: list[dict[str, Any]] = []
-    for batch in loader:
-        batch = batch.to(device)
-        out = model(batch.images, batch.image_sizes)
-        dets = postprocess(out.head, batch.image_sizes, model.spec)
-        per_image = [
-            to_coco_results(d, t, category_ids) for d, t in zip(dets, batch.targets, strict=True)
-        ]
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for item in loader:
+        per_image: list[tuple[int, list[dict[str, Any]]]] = []
+        for batch in item if isinstance(item, list) else [item]:
+            batch = batch.to(device)  # a failed read raises here (failures.py)
+            out = model(batch.images, batch.image_sizes)
+            dets = postprocess(out.head, batch.image_sizes, model.spec)
+            per_image += [
+                (t.image_id, to_coco_results(d, t, category_ids))
+                for d, t in zip(dets, batch.targets, strict=True)
+            ]
+        if on_batch is not None:
+            on_batch(len(per_image))
         if gather is not None:
             per_image = gather(per_image)
-        for image_results in per_image:
-            results.extend(image_results)
-        if on_batch is not None:
-            on_batch(len(batch.targets))
+        for image_id, image_results in per_image:
+            by_image.setdefault(image_id, image_results)
     model.train(was_training)
-    return results
+    _check_every_image_seen(loader, by_image)
+    return [result for image_id in sorted(by_image) for result in by_image[image_id]]
+
+
+def _check_every_image_seen(loader: torch.utils.data.DataLoader, seen: dict[int, Any]) -> None:
+    expected = getattr(loader.dataset, "image_ids", None)
+    if expected is None:
+        return
+    missing = [image_id for image_id in expected if image_id not in seen]
+    if missing:
+        raise RunError(
+            f"Evaluation predicted {len(seen)} of {len(expected)} images (image id "
+            f"{missing[0]} never reached the model); no metrics were computed from a part.",
+            hint="Please report this with the command and the number of processes.",
+        )
 
 
 def evaluate_model(
@@ -85,7 +107,16 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """COCO metrics (`coco_metrics`' keys) of `model` on `dataset`, read through `loader`."""
     results = predict(model, loader, dataset.category_ids, gather=gather)
-    return coco_metrics(dataset.coco, results)
+    return coco_metrics(dataset.coco, scorable(results, dataset))
+
+
+def scorable(results: list[dict[str, Any]], dataset: CocoDetection) -> list[dict[str, Any]]:
+    """The results of categories `dataset`'s json lists: a model may predict classes a
+    validation json lacks (`CocoDetection.missing_classes`), which have nothing to score."""
+    if not dataset.missing_classes:
+        return results
+    listed = dataset.coco.cats
+    return [result for result in results if result["category_id"] in listed]
 
 
 def headline(metrics: dict[str, Any]) -> str:
@@ -121,18 +152,30 @@ class EvalReport:
     data: DataSource
     num_images: int
     batch_size: int
-    results: list[dict[str, Any]]
+    device: torch.device
+    results: list[dict[str, Any]]  # the scored detections (of the classes the data lists)
     metrics: dict[str, Any]
+    class_warning: str | None = None  # the data lacks some of the model's classes
 
 
-def check_same_classes(meta: CheckpointMeta, dataset: CocoDetection, source: str) -> None:
-    """A model only measures data labelled with the classes it predicts."""
-    mismatch = meta.class_mismatch(dataset.class_names, dataset.category_ids, source)
-    if mismatch is not None:
-        raise DataError(
-            mismatch,
-            hint="Evaluate on data with the same category list the model was trained on.",
-        )
+EVAL_CLASSES_HINT = (
+    "Evaluate on data labelled with the checkpoint's classes (same category ids and names), "
+    "or drop the other categories and their boxes from the validation json."
+)
+
+
+def eval_dataset(checkpoint: Path, meta: CheckpointMeta, data: DataSource) -> CocoDetection:
+    """`data`'s validation split labelled with the checkpoint's classes: a category the model
+    does not predict is an error naming it; one it predicts that the data lacks, a warning."""
+    classes = ClassList(
+        tuple(meta.category_ids),
+        tuple(meta.class_names),
+        f"checkpoint {checkpoint.name}",
+        EVAL_CLASSES_HINT,
+    )
+    return CocoDetection(
+        data.val_ann, data.val_images, train=False, scale=meta.image_scale, classes=classes
+    )
 
 
 def evaluate_checkpoint(
@@ -140,21 +183,25 @@ def evaluate_checkpoint(
     data: DataSource,
     *,
     batch_size: int | None = None,
+    device: torch.device | None = None,
     backend: str = "faster",
     per_class: bool = False,
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> EvalReport:
-    """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split."""
+    """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split,
+    in fp32 on `device` (default: the accelerator, as training's evaluation)."""
     state_dict, meta = load_checkpoint(checkpoint)
     model = build_detector(meta.model)
     load_state_into(model, state_dict, source=str(checkpoint))
-    dataset = CocoDetection(data.val_ann, data.val_images, train=False, scale=meta.image_scale)
-    check_same_classes(meta, dataset, data.spec)
+    device = device if device is not None else default_device()
+    model.to(device)
+    dataset = eval_dataset(checkpoint, meta, data)
     batch_size = batch_size or meta.eval_batch_size
-    loader = build_loader(dataset, batch_size=batch_size, shuffle=False)
+    loader = build_eval_loader(dataset, batch_size=batch_size)
     if on_start is not None:
         on_start(len(dataset))
-    results = predict(model, loader, meta.category_ids, on_batch=on_batch)
+    results = scorable(predict(model, loader, meta.category_ids, on_batch=on_batch), dataset)
     metrics = coco_metrics(dataset.coco, results, backend=backend, per_class=per_class)
-    return EvalReport(meta, data, len(dataset), batch_size, results, metrics)
+    warning = dataset.missing_classes_warning()
+    return EvalReport(meta, data, len(dataset), batch_size, device, results, metrics, warning)

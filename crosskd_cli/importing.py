@@ -240,10 +240,14 @@ class ImportMismatch(CheckpointError):
 def resolve_classes(
     meta: dict[str, Any], data: DataSource | None, num_classes: int
 ) -> tuple[list[str], list[int], str]:
-    """(class names, category ids, where they came from): the data's, else the file's COCO."""
+    """(class names, category ids, where they came from): the data's (its training split's,
+    as a run on it would have, else its validation split's), else the file's COCO."""
     if data is not None:
-        val = CocoDetection(data.val_ann, data.val_images, train=False)
-        return list(val.class_names), list(val.category_ids), f"the data {data.spec}"
+        if data.train_ann is not None and data.train_images is not None:
+            split = CocoDetection(data.train_ann, data.train_images, train=False)
+        else:
+            split = CocoDetection(data.val_ann, data.val_images, train=False)
+        return list(split.class_names), list(split.category_ids), f"the data {data.spec}"
     names = class_names_in(meta)
     if names is None and num_classes == len(COCO_CLASSES):
         return list(COCO_CLASSES), list(COCO_CATEGORY_IDS), "COCO (the preset has 80 classes)"

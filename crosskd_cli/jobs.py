@@ -20,7 +20,7 @@ from crosskd_cli.checkpoint import (
     save_checkpoint,
 )
 from crosskd_cli.config import Preset, to_dict
-from crosskd_cli.data import DataSource, DataSplits, build_loader, load_splits
+from crosskd_cli.data import DataSource, DataSplits, build_eval_loader, build_loader, load_splits
 from crosskd_cli.distill import Distiller, export_as_is
 from crosskd_cli.engine import SaveFn, StepFn, Trainer, TrainerState, make_accelerator
 from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
@@ -52,6 +52,9 @@ class Job:
 
 def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> ModelSpec:
     """A detector trained on a data set predicts that data set's classes."""
+    warning = splits.class_warning()  # a validation split without some training class
+    if warning is not None:
+        console.print(f"[bold yellow]Warning:[/] {warning}")
     if spec.num_classes != len(splits.class_names):
         console.print(
             f"[dim]The data has {len(splits.class_names)} classes; the preset's model had "
@@ -118,9 +121,7 @@ def run_job(
     if acc.is_main_process and not resume:
         write_run_config(run, preset, data, job)
     eval_batch = preset.train.eval_batch_size
-    val_loader = acc.prepare_data_loader(
-        build_loader(splits.val, batch_size=eval_batch, shuffle=False)
-    )
+    val_loader = acc.prepare_data_loader(build_eval_loader(splits.val, batch_size=eval_batch))
     gather = functools.partial(acc.gather_for_metrics, use_gather_object=True)
     main_console = console if trainer.is_main else None
     evaluate = val_evaluator(splits.val, val_loader, job.export, gather, main_console)
@@ -180,7 +181,7 @@ def measure_teacher(
 ) -> float:
     """--eval-teacher: the teacher's AP on this data before training, printed and recorded.
     Every process measures the whole split: it happens once per run."""
-    loader = build_loader(splits.val, batch_size=batch_size, shuffle=False)
+    loader = build_eval_loader(splits.val, batch_size=batch_size)
     metrics = evaluate_model(teacher, splits.val, loader)
     console.print(f"[bold]teacher[/] on {data.spec}: {headline(metrics)}")
     return metrics["AP"]

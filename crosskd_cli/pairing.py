@@ -70,7 +70,8 @@ def check_teacher_classes(
     teacher: CheckpointMeta, teacher_name: str, val: CocoDetection, data_spec: str
 ) -> None:
     """KD compares class scores position by position: the teacher must predict the data's
-    classes, in the data's order."""
+    classes, in the data's order (the training split's list, which `val` is read with: a
+    validation json lacking some of them still fits)."""
     mismatch = teacher.class_mismatch(val.class_names, val.category_ids, data_spec)
     if mismatch is not None:
         raise ModelError(

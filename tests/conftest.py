@@ -79,3 +79,45 @@ def tiny_coco(tmp_path):
         {"id": 4, "image_id": 1, "category_id": 7, "bbox": [8, 8, 0, 5], "iscrowd": 0},
     ]
     return make_coco(tmp_path / "coco", images, annotations)
+
+
+# (width, height): at data.scale [96, 96] these pad to 96x96, 96x64, 64x96, 96x32, 32x96
+SIZES = [(40, 30), (64, 48), (30, 40), (100, 60), (33, 33), (40, 30), (70, 20), (20, 70),
+         (50, 50), (48, 64), (31, 29), (90, 91), (96, 40)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mixed_size_checkpoint(tmp_path_factory):
+    """A COCO folder of 13 images of mixed sizes, one box each, and a random-weight GFL
+    checkpoint whose class bias is 0, so that it detects plenty (scores around 0.5): (data
+    source, checkpoint path, the model)."""
+    import dataclasses
+
+    from crosskd_cli.checkpoint import make_meta, save_checkpoint
+    from crosskd_cli.config import load_preset
+    from crosskd_cli.data import resolve_data
+    from crosskd_cli.models import build_detector
+
+    root = tmp_path_factory.mktemp("mixed")
+    images = [
+        {"id": k + 1, "file_name": f"{k}.png", "width": w, "height": h}
+        for k, (w, h) in enumerate(SIZES)
+    ]
+    annotations = [
+        {"id": k + 1, "image_id": k + 1, "category_id": (3, 7)[k % 2], "bbox": [2, 3, w / 2, h / 2]}
+        for k, (w, h) in enumerate(SIZES)
+    ]
+    make_coco(root / "coco", images, annotations)
+    preset = load_preset("shapes-gfl-r18", ["data.scale=[96,96]"])
+    spec = dataclasses.replace(preset.model, num_classes=2)
+    torch.manual_seed(0)
+    model = build_detector(spec)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.cls_predictor.weight, std=0.3)
+        model.head.cls_predictor.bias.zero_()
+    meta = make_meta(
+        preset, spec, "teacher", class_names=["cat", "dog"], category_ids=[3, 7],
+        val_data=str(root / "coco"), training={},
+    )  # fmt: skip
+    save_checkpoint(root / "model.safetensors", model.state_dict(), meta)
+    return resolve_data(str(root / "coco")), root / "model.safetensors", model

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from crosskd_cli.checkpoint import load_checkpoint, read_meta
+from crosskd_cli.cli import app
+from crosskd_cli.metrics import METRIC_KEYS
 
 TINY = [
     "--data", "builtin:shapes:images=24,val=8,size=96", "--set", "train.max_iters=3",
@@ -42,6 +46,13 @@ def test_teacher_and_distill_run_as_two_gloo_processes(tmp_path):
     assert code == 0, output[-3000:]
     assert read_meta(teacher / "best.safetensors").training["processes"] == 2
     assert (teacher / "last" / "random_states_1.pkl").is_file()  # each rank saved its RNG
+    # 8 val images in batches of 3 over 2 processes: Accelerate repeats a batch, counted once
+    evaluated = CliRunner().invoke(app, ["eval", str(teacher / "best.safetensors"), "-o",
+                                         str(tmp_path / "eval")])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    recorded = read_meta(teacher / "best.safetensors").metrics
+    assert {k: measured[k] for k in METRIC_KEYS} == {k: recorded[k] for k in METRIC_KEYS}
     student = tmp_path / "student"
     code, output = torchrun(
         tmp_path / "s.log", "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from crosskd_cli.commands._common import refuse_to_clobber
 from crosskd_cli.commands._options import DataOpt, ValAnnOpt, ValImagesOpt
+
+if TYPE_CHECKING:
+    import torch
 
 console = Console()
 
@@ -31,10 +34,19 @@ def evaluate(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Images per batch. Default: the batch size the checkpoint was "
-            "evaluated with, which reproduces its recorded AP exactly."
+            help="Images per batch, for speed and memory: the metrics do not depend on it "
+            "(each image is padded to its own multiple of 32 and batched only with images of "
+            "its padded size, as at batch size 1). Default: the batch size the checkpoint "
+            "was evaluated with."
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the model runs: auto (the GPU if there is one, else the CPU), cpu, "
+            "cuda or cuda:N. Always in fp32."
+        ),
+    ] = "auto",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -59,7 +71,7 @@ def evaluate(
     from crosskd_cli.progress import progress_bar
     from crosskd_cli.runs import write_json
 
-    check_eval_options(backend, batch_size)
+    target = check_eval_options(backend, batch_size, device)
     source = eval_data_source(checkpoint, data, val_ann, val_images, console)
     out = out or checkpoint.parent / f"eval-{checkpoint.stem}"
     targets = [out / "predictions.json", out / "metrics.json"]
@@ -71,11 +83,14 @@ def evaluate(
             checkpoint,
             source,
             batch_size=batch_size,
+            device=target,
             backend=backend,
             per_class=per_class,
             on_start=lambda n: bar.update(task, total=n),
             on_batch=lambda n: bar.advance(task, n),
         )
+    if report.class_warning is not None:
+        console.print(f"[bold yellow]Warning:[/] {report.class_warning}")
     write_json(targets[0], report.results)
     write_json(
         targets[1],
@@ -84,13 +99,15 @@ def evaluate(
             "data": source.spec,
             "backend": backend,
             "batch_size": report.batch_size,
+            "device": str(report.device),
             **report.metrics,
         },
     )
     console.print(
         metrics_table(
             report.metrics,
-            f"{checkpoint.name} on {source.spec} ({report.num_images} images, {backend})",
+            f"{checkpoint.name} on {source.spec} ({report.num_images} images, {backend}, "
+            f"{report.device})",
         )
     )
     if per_class:
@@ -104,8 +121,10 @@ def evaluate(
     console.print(f"Wrote {targets[0]} and {targets[1]}.")
 
 
-def check_eval_options(backend: str, batch_size: int | None) -> None:
-    """Refuse option values before any data is generated or any image predicted."""
+def check_eval_options(backend: str, batch_size: int | None, device: str = "auto") -> torch.device:
+    """Refuse option values before any data is generated or any image predicted; returns the
+    torch device `device` names."""
+    from crosskd_cli.engine import resolve_device
     from crosskd_cli.errors import OptionError
     from crosskd_cli.metrics import check_backend
 
@@ -115,6 +134,7 @@ def check_eval_options(backend: str, batch_size: int | None) -> None:
             f"--batch-size must be at least 1, got {batch_size}.",
             hint="Leave it out to use the batch size the checkpoint was evaluated with.",
         )
+    return resolve_device(device)
 
 
 def eval_data_source(

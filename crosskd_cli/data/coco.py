@@ -7,6 +7,7 @@ import io
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_image
 from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
 from crosskd_cli.data.boxes import index_boxes
 from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
-from crosskd_cli.data.transforms import build_transforms, transform_sample
+from crosskd_cli.data.transforms import build_transforms, keep_ratio_size, transform_sample
 from crosskd_cli.errors import CrossKDError, DataError
 from crosskd_cli.schema import shown
 from crosskd_cli.structures import Target
@@ -155,6 +156,57 @@ def _check_references(path: Path, data: dict) -> None:
             )
 
 
+@dataclass(frozen=True)
+class ClassList:
+    """The classes of a model, in label order: label k is category id `category_ids[k]`, named
+    `class_names[k]`. `origin` says where the list comes from ("the training split
+    /data/train.json", "checkpoint best.safetensors") and `hint` how to make data fit it, for
+    the messages of a split read with it (`CocoDetection(classes=...)`)."""
+
+    category_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    origin: str
+    hint: str
+
+    def describe(self, category_id: int) -> str:
+        """'7 'dog'': a category id with its name in this list."""
+        return f"{category_id} {self.class_names[self.category_ids.index(category_id)]!r}"
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def match_classes(coco: COCO, classes: ClassList, ann_file: Path) -> list[int]:
+    """The ids of `classes` that `coco` does not list (missing: not scored, not an error).
+
+    A category of `coco` that `classes` lacks, or names otherwise, is a DataError naming it:
+    its boxes would be read as another class, or as none.
+    """
+    known = dict(zip(classes.category_ids, classes.class_names, strict=True))
+    cats = coco.cats
+    unknown = [f"{c} {cats[c]['name']!r}" for c in sorted(cats) if c not in known]
+    if unknown:
+        some = "Categories" if len(unknown) > 1 else "Category"
+        are = "are" if len(unknown) > 1 else "is"
+        raise DataError(
+            f"{some} {_listed(unknown)} of {ann_file} {are} not among the "
+            f"{len(known)} classes of {classes.origin} "
+            f"({_listed([classes.describe(c) for c in classes.category_ids])}).",
+            hint=classes.hint,
+        )
+    renamed = [c for c in sorted(cats) if cats[c]["name"] != known[c]]
+    if renamed:
+        c = renamed[0]
+        raise DataError(
+            f"Category {c} is {cats[c]['name']!r} in {ann_file} but {known[c]!r} in "
+            f"{classes.origin}" + (f" ({len(renamed) - 1} more renamed)." if renamed[1:] else "."),
+            hint=classes.hint,
+        )
+    return [c for c in classes.category_ids if c not in cats]
+
+
 def read_image(path: Path) -> Tensor:
     """(3, H, W) uint8 RGB: grayscale and RGBA converted, EXIF orientation applied.
 
@@ -186,12 +238,16 @@ class CocoDetection(Dataset):
     """Images and boxes of one COCO split, resized (not normalised) for a detector.
 
     Labels are contiguous 0..C-1 in the order of sorted category ids; `category_ids[label]`
-    maps them back and `class_names[label]` names them. Crowd boxes never become targets;
-    invalid ones (nan, inf, negative sizes) are dropped. Boxes are clipped to the decoded
-    image's pixels when it is read (not to the json's width and height, which can be wrong);
-    boxes empty after clipping or under 1 px once resized are dropped. Training
-    (`train=True`) skips images without boxes, judged by the json's sizes so that no image is
-    decoded up front, and refuses a split where none is left; evaluation keeps every image.
+    maps them back and `class_names[label]` names them. With `classes` the labels are that
+    list's instead (the training split's for every split of a run, a checkpoint's for
+    `crosskd eval`): a category of this json outside it is an error (`match_classes`);
+    `missing_classes` holds those of the list this json lacks (their detections go unscored).
+    Crowd boxes never become targets; invalid ones (nan, inf, negative sizes) are dropped.
+    Boxes are clipped to the decoded image's pixels when it is read (not to the json's width
+    and height, which can be wrong); boxes empty after clipping or under 1 px once resized are
+    dropped. Training (`train=True`) skips images without boxes, judged by the json's sizes so
+    that no image is decoded up front, and refuses a split where none is left; evaluation keeps
+    every image.
     Missing image files stop construction (a cheap stat of every file). `drop_report()`
     counts everything left out.
 
@@ -212,6 +268,7 @@ class CocoDetection(Dataset):
         flip_prob: float = 0.5,
         skip_bad_images: bool = False,
         short_sides: tuple[int, int] | None = None,
+        classes: ClassList | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -221,9 +278,17 @@ class CocoDetection(Dataset):
                 hint="Point --data (or --train-images/--val-images) at the folder of images.",
             )
         self.coco = load_coco_json(self.ann_file)
-        self.category_ids: list[int] = sorted(self.coco.cats)
-        self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.classes = classes
+        self.missing_classes: list[int] = []
+        if classes is None:
+            self.category_ids: list[int] = sorted(self.coco.cats)
+            self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
+        else:
+            self.missing_classes = match_classes(self.coco, classes, self.ann_file)
+            self.category_ids = list(classes.category_ids)
+            self.class_names = list(classes.class_names)
         self.train = train
+        self.scale = scale
         self.skip_bad_images = skip_bad_images
         self.transforms = build_transforms(train, scale, flip_prob, short_sides)
         # (seed, epoch) of the random augmentation, in shared memory so that persistent
@@ -244,6 +309,24 @@ class CocoDetection(Dataset):
     def num_skipped(self) -> int:
         """Distinct unreadable images skipped so far, in any process (`skip_bad_images`)."""
         return self._log.count("unreadable")
+
+    def class_list(self, origin: str, hint: str) -> ClassList:
+        """This split's classes, as the list other splits are read with."""
+        return ClassList(tuple(self.category_ids), tuple(self.class_names), origin, hint)
+
+    def missing_classes_warning(self) -> str | None:
+        """One line on the classes of `classes` this json lacks, None when it has them all."""
+        if not self.missing_classes:
+            return None
+        assert self.classes is not None
+        missing = [self.classes.describe(c) for c in self.missing_classes]
+        some = "categories" if len(missing) > 1 else "category"
+        them = "them" if len(missing) > 1 else "it"
+        return (
+            f"{self.ann_file} has no {some} {_listed(missing)} of the "
+            f"{len(self.category_ids)} classes of {self.classes.origin}: detections of {them} "
+            "are not scored."
+        )
 
     def drop_report(self) -> dict[str, int]:
         """What this split left out, as plain counts (see `boxes.index_boxes`).
@@ -273,6 +356,14 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def resized_sizes(self) -> list[tuple[int, int]]:
+        """Every image's (h, w) after the test-time resize to `scale`, by the json's width and
+        height (nothing is decoded): what evaluation groups its batches by."""
+        imgs = self.coco.imgs
+        return [
+            keep_ratio_size(imgs[i]["height"], imgs[i]["width"], self.scale) for i in self.image_ids
+        ]
 
     def _check_files_exist(self) -> None:
         folder = str(self.image_dir)

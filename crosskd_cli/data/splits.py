@@ -12,25 +12,40 @@ from crosskd_cli.errors import DataError
 if TYPE_CHECKING:
     from crosskd_cli.config import DataConfig
 
+VAL_CLASSES_HINT = (
+    "The model's classes are the training split's: list every validation category in the "
+    "training json too, or drop that category and its boxes from the validation json."
+)
+
 
 @dataclass
 class DataSplits:
-    """The two datasets of a run and the class list they share."""
+    """The two datasets of a run and the class list they share: the training split's.
+
+    The validation split is read with it, so label k means one class in both; a validation
+    json lacking one of its classes is fine (`class_warning`), one with a class training never
+    lists is refused when the splits are loaded.
+    """
 
     train: CocoDetection
     val: CocoDetection
 
     @property
     def class_names(self) -> list[str]:
-        return self.val.class_names
+        return self.train.class_names
 
     @property
     def category_ids(self) -> list[int]:
-        return self.val.category_ids
+        return self.train.category_ids
+
+    def class_warning(self) -> str | None:
+        """A line to print when the validation split lacks some of the classes."""
+        return self.val.missing_classes_warning()
 
 
 def load_splits(cfg: DataConfig, data: DataSource) -> DataSplits:
-    """The training split (augmented) and the validation split of `data`, as `cfg` reads them."""
+    """The training split (augmented) and the validation split of `data`, as `cfg` reads them,
+    both labelled with the training split's classes."""
     if data.train_ann is None or data.train_images is None:
         raise DataError(
             f"Data '{data.spec}' has no training split.",
@@ -51,5 +66,6 @@ def load_splits(cfg: DataConfig, data: DataSource) -> DataSplits:
         train=False,
         scale=cfg.scale,
         skip_bad_images=cfg.skip_bad_images,
+        classes=train.class_list(f"the training split {data.train_ann}", VAL_CLASSES_HINT),
     )
     return DataSplits(train, val)
