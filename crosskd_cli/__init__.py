@@ -1,3 +1,3 @@
 """crosskd: Cross-Head Knowledge Distillation for dense object detectors, as a command-line tool."""
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
