@@ -24,6 +24,7 @@ from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.legacy import upgrade_keys
 from crosskd_cli.schema import METADATA, Count, MaxLength, Side, parse
 from crosskd_cli.specs import ModelSpec
+from crosskd_cli.state_dir import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from crosskd_cli.config import Preset
@@ -182,7 +183,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
         raise _write_error(path, err) from err
     try:
         save_file(tensors, tmp_name, metadata={METADATA_KEY: text})
-        _fsync_file(tmp_name)
+        fsync_file(tmp_name)
         os.chmod(tmp_name, _file_mode())  # mkstemp's 0600; the run's other files are 0644
         os.replace(tmp_name, path)
     except (OSError, SafetensorError) as err:
@@ -190,7 +191,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -233,25 +234,6 @@ def _plain_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             seen.add(storage)
         out[name] = tensor
     return out
-
-
-def _fsync_file(name: str) -> None:
-    fd = os.open(name, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX only; Windows cannot open folders)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:

@@ -72,7 +72,7 @@ def recover(state: Path) -> dict[str, Any] | None:
     if best != state:
         _discard(state, state)
         os.replace(best, state)
-        _fsync_dir(state.parent)
+        fsync_dir(state.parent)
     for folder in (old_of(state), tmp_of(state)):
         _discard(folder, state)
     return marker
@@ -97,7 +97,7 @@ def commit(state: Path, marker: dict[str, Any]) -> None:
         os.replace(state, old)
     on_step("promote")
     os.replace(tmp, state)
-    _fsync_dir(state.parent)
+    fsync_dir(state.parent)
     on_step("drop")
     _discard(old, state)
 
@@ -112,12 +112,16 @@ def fsync_tree(folder: Path) -> None:
     state; then the folder itself."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
+            fsync_file(path)
+    fsync_dir(folder)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
@@ -127,7 +131,7 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MARKER)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _trash_name(state: Path) -> str:
@@ -157,7 +161,8 @@ def _delete(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make renames inside `directory` durable (POSIX only; Windows cannot open folders)."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)
