@@ -99,9 +99,9 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identica
     stopped = teacher_run(out, *loader, action="sigterm", at=4)
     assert stopped.returncode == 143, stopped.stderr
     assert "Interrupted: Stopped by SIGTERM at epoch 1, iteration 4" in stopped.stderr
-    assert "Resume with:" in stopped.stderr and "--resume" in stopped.stderr
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: crosskd teacher --resume --out {out}"
     assert "Traceback" not in stopped.stderr
-    resumed = teacher_run(out, *loader, "--resume")
+    resumed = crosskd("teacher", "--resume", "--out", str(out))  # the folder knows the rest
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
     assert epochs_in(out / "results.csv") == [1, 2]
@@ -119,8 +119,11 @@ def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tm
 
     straight = distill(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    assert distill(tmp_path / "run", action="sigterm", at=8).returncode == 143  # in epoch 2
-    resumed = distill(tmp_path / "run", "--resume")
+    stopped = distill(tmp_path / "run", action="sigterm", at=8)
+    assert stopped.returncode == 143  # in epoch 2
+    command = f"crosskd distill --resume --out {tmp_path / 'run'}"
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: {command}"
+    resumed = crosskd(*command.split()[1:])  # no --teacher, --data, --preset nor --set
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(
         tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors"
@@ -135,7 +138,7 @@ def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
     killed = teacher_run(out, "--set", "data.num_workers=0", action=f"kill-before-{step}", at=1)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "last").exists() or step == "retire"  # mid-swap: last/ may be gone
-    resumed = teacher_run(out, "--set", "data.num_workers=0", "--resume")
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert epochs_in(out / "results.csv") == [1, 2]  # the epoch-1 row written once
     assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
