@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -211,15 +212,17 @@ def _cannot_write(path: Path, err: OSError) -> RunError:
 
 # ---------------------------------------------------------------------------- the lock
 
-LOCK = ".lock"  # RUN/.lock: flock-ed by the process running RUN, which writes its PID there
+LOCK = ".lock"  # RUN/.lock: locked by the process running RUN, which writes its PID there
 
 
 class RunLock:
     """The exclusive lock of one run folder, held by the main process for the whole run.
 
-    The kernel drops a flock when its holder dies, so the lock of a killed run is taken over
-    by the next run. Released (and the lock file removed) when the run ends; a folder created
-    for the run and left empty is removed too.
+    A POSIX record lock (lockf), not a flock: DataLoader workers forked by the run do not
+    inherit it, so the kernel drops it the moment the run's process dies, and the next run
+    takes it over at once. Released (and the lock file removed) when the run ends; a folder
+    created for the run and left empty is removed too. One process never opens the lock
+    file of a folder it holds (closing any descriptor of it would drop a record lock).
     """
 
     def __init__(self, run: RunDir, fd: int | None, created: bool) -> None:
@@ -239,7 +242,7 @@ class RunLock:
             pass  # a lock file left behind is harmless: the next run takes it over
         finally:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)  # also for DataLoader workers sharing the fd
+                fcntl.lockf(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> RunLock:
@@ -259,11 +262,14 @@ def lock_run(run: RunDir, holder: str, *, created: bool = False) -> RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise _cannot_write(run.root, err) from None
-        if fcntl is None:  # no flock (not POSIX): runs are not protected from each other
+        if fcntl is None:  # not POSIX: runs are not protected from each other
             return RunLock(run, fd, created)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise _cannot_write(run.root, err) from None
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
             pid, _, what = owner.partition(" ")
