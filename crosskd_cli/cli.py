@@ -74,8 +74,8 @@ def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 label, code = "[bold red]Error:[/]", 2
             err_console.print(f"{label} {exc.message}", markup=True, highlight=False)
-            if exc.hint:
-                err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+            if exc.hint:  # not wrapped: a command in it must paste whole
+                err_console.print(f"[dim]{exc.hint}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(code=code) from None
 
     return wrapper

@@ -19,6 +19,7 @@ from crosskd_cli.runs import RunDir, clear_run_dir, lock_run, write_json
 from crosskd_cli.teachers import teacher_cache_dir
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+STUDENTS = (("none", "2/3"), ("crosskd", "3/3"))  # (method, step shown)
 
 
 @dataclass
@@ -70,18 +71,8 @@ def student(
     resume_hint: str,
 ) -> Row:
     """Train (or, when finished before, read back) the pair's student with `method`."""
-    preset = dataclasses.replace(pair, distill=dataclasses.replace(pair.distill, method=method))
-    run = RunDir(root / method.replace("+", "-"))
+    preset, run = student_preset(pair, method), student_run(root, method)
     with lock_run(run, "crosskd quickstart"):
-        started = run.has_state() or run.best.is_file()
-        if started and run.preset.is_file():  # a run of another quickstart in this --out?
-            changed = differences(read_run_preset(run), preset)
-            if changed:
-                raise RunError(
-                    f"{run.root} holds a student trained with other settings: "
-                    f"{'; '.join(changed)}.",
-                    hint="Pass another --out to keep both, or the settings of that run.",
-                )
         if run.best.is_file() and run.last.is_file():
             meta = read_meta(run.best)
             minutes = meta.training.get("seconds", 0) / 60
@@ -102,6 +93,28 @@ def student(
     return Row(_label(method, preset), run.best, state.metrics, state.wall_time / 60)
 
 
+def student_preset(pair: Preset, method: str) -> Preset:
+    return dataclasses.replace(pair, distill=dataclasses.replace(pair.distill, method=method))
+
+
+def student_run(root: Path, method: str) -> RunDir:
+    return RunDir(root / method.replace("+", "-"))
+
+
+def check_students(pair: Preset, root: Path) -> None:
+    """Before any training: students in `root` made with other settings are not reused."""
+    for method, _ in STUDENTS:
+        run = student_run(root, method)
+        if not (run.has_state() or run.best.is_file()) or not run.preset.is_file():
+            continue
+        changed = differences(read_run_preset(run), student_preset(pair, method))
+        if changed:
+            raise RunError(
+                f"{run.root} holds a student trained with other settings: {'; '.join(changed)}.",
+                hint="Pass another --out to keep both, or the settings of that run.",
+            )
+
+
 def _label(method: str, preset: Preset) -> str:
     if method == "none":
         return "student (no KD)"
@@ -119,9 +132,10 @@ def run_quickstart(
     """Teacher, `none` student and CrossKD student on the same data, the same schedule.
 
     resume_hint: the quickstart command with every flag, which resumes any of them."""
+    check_students(pair, root)
     teacher = cached_teacher(pair, data, overrides, console, resume_hint)
     rows = [teacher]
-    for method, step in (("none", "2/3"), ("crosskd", "3/3")):
+    for method, step in STUDENTS:
         rows.append(
             student(pair, data, method, teacher.checkpoint, root, console, step, resume_hint)
         )

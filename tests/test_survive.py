@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -123,11 +124,27 @@ def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tm
     assert stopped.returncode == 143  # in epoch 2
     command = f"crosskd distill --resume --out {tmp_path / 'run'}"
     assert stopped.stderr.splitlines()[-1] == f"Resume with: {command}"
-    resumed = crosskd(*command.split()[1:])  # no --teacher, --data, --preset nor --set
+    resumed = crosskd(*shlex.split(command)[1:])  # no --teacher, --data, --preset nor --set
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(
         tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors"
     )
+
+
+def test_a_stopped_quickstart_prints_its_command_with_every_flag_and_it_resumes(tmp_path):
+    out = tmp_path / "quickstart"
+    flags = ["--set", "data.num_workers=0", "--set", "data.scale=[96,96]",
+             "--set", "train.max_iters=3", "--set", "train.batch_size=4"]  # fmt: skip
+    stopped = crosskd(
+        "quickstart", "--data", DATA, *flags, "--out", str(out), action="sigterm", at=2
+    )
+    assert stopped.returncode == 143, stopped.stderr
+    words = ["quickstart", "--preset", "shapes-gfl-r34-to-r18", "--data", DATA, *flags]
+    command = shlex.join(["crosskd", *words, "--out", str(out)])  # quoted for a shell
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: {command}"
+    resumed = crosskd(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Reusing the cached teacher" not in resumed.stdout  # it was stopped: resumed instead
 
 
 @pytest.mark.parametrize("step", ["retire", "promote"])
