@@ -92,12 +92,12 @@ def drops_line(reports: dict[str, dict[str, int]]) -> str:
     for split, counts in reports.items():
         kept = {"images_without_boxes"} if split == "val" else set()  # evaluation keeps them
         drops = [
-            f"{n} {key.replace('_', ' ')}"
+            f"{key.replace('_', ' ')} {n}"
             for key, n in counts.items()
             if n and key not in DROP_TOTALS and key not in kept
         ]
         if drops:
-            parts.append(f"{split} {', '.join(drops)}")
+            parts.append(f"{split}: {', '.join(drops)}")
     return "Data dropped or fixed: " + "; ".join(parts) + "." if parts else "Data: nothing dropped."
 
 
