@@ -542,7 +542,7 @@ class Trainer:
                 f"--resume: {folder} holds no complete state.",
                 hint="Start a new run without --resume.",
             )
-        problem = state_problem(folder, acc.process_index, self.precision == "fp16")
+        problem = state_problem(folder, acc.process_index, acc.scaler is not None)
         problem = problem or trainer_state_problem(marker)
         flag = torch.tensor(float(problem is None), device=acc.device)
         if acc.num_processes > 1:  # a process that stops alone would leave the others waiting
@@ -573,7 +573,7 @@ class Trainer:
 STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")  # Accelerate's names
 
 
-def state_problem(folder: Path, process_index: int, fp16: bool) -> str | None:
+def state_problem(folder: Path, process_index: int, scaler: bool) -> str | None:
     """What is wrong with the files of a saved state that this process loads, if anything.
 
     Cheap checks before loading: every file there, the safetensors header whole, the torch
@@ -582,7 +582,7 @@ def state_problem(folder: Path, process_index: int, fp16: bool) -> str | None:
     bit-identically.
     """
     rng = f"random_states_{process_index}.pkl"
-    names = [*STATE_FILES, rng] + (["scaler.pt"] if fp16 else [])
+    names = [*STATE_FILES, rng] + (["scaler.pt"] if scaler else [])
     for name in names:
         path = folder / name
         if not path.is_file():
