@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from crosskd_cli.state_dir import STEPS
+
 ROOT = Path(__file__).parent.parent
 DATA = "builtin:shapes:images=24,val=8,size=96"
 TINY = [
@@ -163,6 +165,30 @@ def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
         "last",
         "last.safetensors",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("save", [1, 2])  # the end of epoch 1; the end of the run
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_before_every_step_of_a_save_resumes_from_the_folder_alone(
+    uninterrupted, tmp_path, step, save, workers
+):
+    """Before the first save's marker there is nothing to resume: said in one line. Anywhere
+    else the run resumes from its folder alone and ends bit-identical, one row per epoch."""
+    out = tmp_path / "run"
+    loader = ["--set", f"data.num_workers={workers}"]
+    killed = teacher_run(out, *loader, action=f"kill-before-{step}", at=save)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    if save == 1 and step in ("write", "mark"):
+        assert resumed.returncode == 2 and "holds no resumable state" in resumed.stderr
+        assert "Traceback" not in resumed.stderr
+        return
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert epochs_in(out / "results.csv") == [1, 2]
+    assert not (out / ".lock").exists()
 
 
 def test_a_diverging_run_skips_its_nan_steps_then_stops_naming_the_term(tmp_path):
