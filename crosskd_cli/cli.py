@@ -76,8 +76,8 @@ def error_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
                 label, code = "[bold red]Error:[/]", 2
             # escaped: messages quote user values such as --set data.scale=[640,480]
             err_console.print(f"{label} {escape(exc.message)}", markup=True, highlight=False)
-            if exc.hint:
-                err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
+            if exc.hint:  # not wrapped: a command in it must paste whole
+                err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(code=code) from None
 
     return wrapper

@@ -165,15 +165,19 @@ def list_presets() -> list[str]:
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
     """Load a shipped preset by name or a YAML file by path, then apply `key=value` overrides."""
     path = _locate(name_or_path)
-    raw = _read_yaml(path)
+    return build_preset(_read_yaml(path), overrides, where=str(path), name=path.stem)
+
+
+def build_preset(raw: Any, overrides: list[str] | None, *, where: str, name: str) -> Preset:
+    """A preset from its plain data (a file's, or a mapping an older run folder recorded)."""
     if not isinstance(raw, dict):
-        raise PresetError(f"Preset file {path} must hold a mapping, got {type(raw).__name__}.")
-    raw.setdefault("name", path.stem)
+        raise PresetError(f"Preset {where} must hold a mapping, got {type(raw).__name__}.")
+    raw.setdefault("name", name)
     for item in overrides or []:
         apply_override(raw, item)
-    preset = parse(Preset, raw, where=str(path), policy=PRESET)
-    _check_method(preset.distill.method, str(path))
-    _check_model(preset.model, str(path))
+    preset = parse(Preset, raw, where=where, policy=PRESET)
+    _check_method(preset.distill.method, where)
+    _check_model(preset.model, where)
     return preset
 
 

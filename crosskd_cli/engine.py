@@ -7,29 +7,33 @@ writes a checkpoint. The only module that imports accelerate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import resource
 import signal
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, load, set_seed
 from rich.console import Console
 from rich.progress import Progress
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from crosskd_cli import state_dir
 from crosskd_cli.config import TrainConfig
-from crosskd_cli.errors import Interrupted, OptionError, PresetError, RunError
+from crosskd_cli.errors import CrossKDError, Interrupted, OptionError, PresetError, RunError
 from crosskd_cli.progress import progress_bar
-from crosskd_cli.runs import RunDir, append_results, keep_results_until
+from crosskd_cli.runs import DAMAGED_HINT, RunDir, append_results, keep_results_until
 from crosskd_cli.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
 
 StepFn = Callable[[nn.Module, Any], dict[str, Tensor]]
@@ -106,13 +110,22 @@ def from_main_process(make: Callable[[], Any]) -> Any:
     """Call `make` on the main process only and hand its result to every process.
 
     Run-folder choices must agree across processes: each deciding for itself would number
-    the same run twice.
+    the same run twice. A CrossKDError raised by `make` is raised by every process (the others
+    would otherwise wait for a value forever).
     """
     state = process_state()
-    value = make() if state.is_main_process else None
     if state.num_processes == 1:
-        return value
-    return broadcast_object_list([value])[0]
+        return make()
+    value, error = None, None
+    if state.is_main_process:
+        try:
+            value = make()
+        except CrossKDError as exc:
+            error = exc
+    value, error = broadcast_object_list([value, error])
+    if error is not None:
+        raise error
+    return value
 
 
 PRECISIONS = ("no", "fp16", "bf16", "auto")
@@ -366,8 +379,12 @@ class Trainer:
         *,
         resume: bool = False,
         watch_zero: tuple[str, ...] = (),
+        on_start: Callable[[], None] | None = None,
     ) -> TrainerState:
-        """Train `model` to the end of the schedule, evaluating and checkpointing on the way."""
+        """Train `model` to the end of the schedule, evaluating and checkpointing on the way.
+
+        on_start: called once the state is loaded (on resume) and before the first step; a
+        resume refused for a damaged state has changed nothing by then."""
         acc = self.accelerator
         iters_per_epoch = len(train_loader)
         if iters_per_epoch == 0:
@@ -386,6 +403,8 @@ class Trainer:
         )
         if resume:
             self._load_state()
+        if on_start is not None:
+            on_start()
         self._session_start, self._session_wall = self.state.iteration, self.state.wall_time
         guard = NonFiniteGuard(optimizer, acc.device, scaler_skips=self.precision == "fp16")
         watcher = ZeroWatch(watch_zero)
@@ -621,15 +640,32 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _load_state(self) -> None:
-        marker = recover(self.run.state) if self.is_main else None
-        self.accelerator.wait_for_everyone()
-        marker = marker or read_marker(self.run.state)
+        acc, folder = self.accelerator, self.run.state
+        marker = recover(folder) if self.is_main else None
+        acc.wait_for_everyone()
+        marker = marker or read_marker(folder)
         if marker is None:
             raise RunError(
-                f"--resume: {self.run.state} holds no complete state.",
+                f"--resume: {folder} holds no complete state.",
                 hint="Start a new run without --resume.",
             )
-        self.accelerator.load_state(str(self.run.state))
+        problem = state_problem(folder, acc.process_index, acc.scaler is not None)
+        problem = problem or trainer_state_problem(marker)
+        flag = torch.tensor(float(problem is None), device=acc.device)
+        if acc.num_processes > 1:  # a process that stops alone would leave the others waiting
+            flag = acc.reduce(flag, reduction="sum") / acc.num_processes
+        if flag.item() < 1.0:
+            raise _damaged(folder, problem or "another process found its part damaged")
+        try:
+            acc.load_state(str(folder))
+        except UnpicklingError:
+            raise _damaged(
+                folder, "a file holds pickled objects other than tensors (refused, not loaded)"
+            ) from None
+        except (OSError, RuntimeError, ValueError, EOFError, KeyError) as err:
+            fits = "size mismatch" not in str(err) and "Missing key" not in str(err)
+            what = "cannot be loaded" if fits else "does not fit the run's model"
+            raise _damaged(folder, f"it {what} ({_first_line(err)})") from None
         self.state = TrainerState(**marker)
         if self.is_main:  # rows and records the restored state has not reached are redone
             keep_results_until(self.run, self.state.epoch)
@@ -640,6 +676,64 @@ class Trainer:
         (a bar rendered once into a file is one truncated line)."""
         live = self.is_main and self.console.is_terminal
         return progress_bar(self.console, disable=not live, losses=True)
+
+
+STATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")  # Accelerate's names
+
+
+def state_problem(folder: Path, process_index: int, scaler: bool) -> str | None:
+    """What is wrong with the files of a saved state that this process loads, if anything.
+
+    Cheap checks before loading: every file there, the safetensors header whole, the torch
+    files' zip directories readable (a truncated one has none). The RNG file is loaded here:
+    Accelerate would skip an unreadable one silently, and the run would no longer resume
+    bit-identically.
+    """
+    rng = f"random_states_{process_index}.pkl"
+    names = [*STATE_FILES, rng] + (["scaler.pt"] if scaler else [])
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except Exception as err:  # safetensors raises its own error type: any is damage
+                return f"{name} is truncated or not a safetensors file ({_first_line(err)})"
+        elif not zipfile.is_zipfile(path):
+            return f"{name} is truncated or not a file torch wrote"
+    try:
+        load(folder / rng)  # Accelerate's loader: weights only, plus its RNG state types
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, UnpicklingError) as err:
+        return f"{rng} cannot be loaded ({_first_line(err)})"
+    return None
+
+
+def trainer_state_problem(marker: dict[str, Any]) -> str | None:
+    """trainer_state.json parsed, but is it a TrainerState (names and types of its fields)?"""
+    fields = {f.name: f for f in dataclasses.fields(TrainerState)}
+    unknown = [k for k in marker if k not in fields]
+    if unknown:
+        return f"{state_dir.MARKER} holds an unknown field '{unknown[0]}'"
+    for name, value in marker.items():
+        expected = type(getattr(TrainerState(), name))
+        ok = isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+        if not ok or isinstance(value, bool):
+            return f"{state_dir.MARKER}: '{name}' is {value!r}, not of type {expected.__name__}"
+    return None
+
+
+def _damaged(folder: Path, problem: str) -> RunError:
+    return RunError(
+        f"The saved state in {folder} is damaged: {problem}.",
+        hint=DAMAGED_HINT.format(run=folder.parent),
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 @dataclass

@@ -14,6 +14,17 @@ class CrossKDError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
+    def __reduce__(self):
+        """Pickled whole (hint and a subclass's own fields too): the main process hands its
+        errors to the others of a multi-process run (`engine.from_main_process`)."""
+        return _rebuild, (type(self), self.message, self.hint), self.__dict__
+
+
+def _rebuild(cls: type[CrossKDError], message: str, hint: str | None) -> CrossKDError:
+    error = cls.__new__(cls)
+    CrossKDError.__init__(error, message, hint)
+    return error
+
 
 class DataError(CrossKDError):
     """Bad data: a missing folder or file, a json that is not COCO, an unreadable image."""

@@ -7,7 +7,6 @@ guessed. Every key that does not map, is missing or has another shape is reporte
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from crosskd_cli.data import CocoDetection, DataSource
 from crosskd_cli.errors import CheckpointError
 from crosskd_cli.families import get_family
 from crosskd_cli.models import build_detector
+from crosskd_cli.run_record import file_digest
 from crosskd_cli.safe_pickle import load_checkpoint_object, refused_inside
 from crosskd_cli.schema import shown
 from crosskd_cli.specs import ModelSpec
@@ -219,14 +219,6 @@ def _check_projection(key: str, value: Tensor, reg_max: int) -> None:
             "reg_max or projection.",
             hint=f"Use a preset whose model.reg_max matches the file ({value.numel() - 1}).",
         )
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ImportMismatch(CheckpointError):

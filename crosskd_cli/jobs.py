@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 from crosskd_cli.checkpoint import (
     CheckpointMeta,
@@ -28,7 +28,8 @@ from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import resolve_distill
 from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.pairing import check_pair, tap_widths
-from crosskd_cli.runs import RunDir, write_config, write_json
+from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
+from crosskd_cli.runs import RunDir, write_json
 from crosskd_cli.specs import ModelSpec
 
 
@@ -41,7 +42,7 @@ class Job:
     spec: ModelSpec
     step: StepFn  # step(model, batch) -> {name: loss}
     training: dict[str, Any]  # recorded in the checkpoint's metadata
-    config: dict[str, Any]  # recorded in config.yaml, between the data and the preset
+    record: RunRecord  # config.yaml: the run's inputs besides its preset (preset.yaml)
     watch_zero: tuple[str, ...] = ()  # loss names reported if they stay exactly zero
     export: Callable[[nn.Module], nn.Module] = export_as_is  # `model` -> the detector to save
 
@@ -64,15 +65,43 @@ def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> Mode
     return spec
 
 
-def write_run_config(run: RunDir, preset: Preset, data: DataSource, job: Job) -> None:
-    """config.yaml: the command, the data and the preset as this run resolved them."""
-    config = {
-        "command": job.command,
-        "data": data.spec,
-        **job.config,
-        "preset": to_dict(dataclasses.replace(preset, model=job.spec)),
-    }
-    write_config(run, config)
+def write_run_record(run: RunDir, preset: Preset, job: Job) -> None:
+    """preset.yaml: the preset as this run resolved it (its model for the data, the family's
+    KD weights); config.yaml: its other inputs, the teacher with the sha256 of its file."""
+    record = job.record
+    if record.teacher is not None:
+        teacher = TeacherFile(record.teacher.path, file_digest(Path(record.teacher.path)))
+        record = dataclasses.replace(record, teacher=teacher)
+    write_record(run, record, dataclasses.replace(preset, model=job.spec))
+
+
+DROP_TOTALS = ("images", "annotations", "images_used")  # totals, not drops
+
+
+def drop_reports(splits: DataSplits, trainer: Trainer) -> dict[str, dict[str, int]]:
+    """Both splits' `drop_report`s; under several processes each image read counts once."""
+    acc = trainer.accelerator
+
+    def merge(flags: Tensor) -> Tensor:
+        return acc.reduce(flags.to(acc.device), reduction="sum").cpu()
+
+    merged = merge if acc.num_processes > 1 else None
+    return {"train": splits.train.drop_report(merged), "val": splits.val.drop_report(merged)}
+
+
+def drops_line(reports: dict[str, dict[str, int]]) -> str:
+    """One line of what the data lost or had fixed (nonzero counts only)."""
+    parts = []
+    for split, counts in reports.items():
+        kept = {"images_without_boxes"} if split == "val" else set()  # evaluation keeps them
+        drops = [
+            f"{key.replace('_', ' ')} {n}"
+            for key, n in counts.items()
+            if n and key not in DROP_TOTALS and key not in kept
+        ]
+        if drops:
+            parts.append(f"{split}: {', '.join(drops)}")
+    return "Data dropped or fixed: " + "; ".join(parts) + "." if parts else "Data: nothing dropped."
 
 
 def checkpoint_saver(
@@ -116,10 +145,9 @@ def run_job(
     resume: bool,
     console: Console,
 ) -> TrainerState:
-    """The shared part of every run: config.yaml, the loop, evaluation, best/last checkpoints."""
+    """The shared part of every run: the record, the loop, evaluation, best/last checkpoints,
+    what the data dropped."""
     acc = trainer.accelerator
-    if acc.is_main_process and not resume:
-        write_run_config(run, preset, data, job)
     eval_batch = preset.train.eval_batch_size
     val_loader = acc.prepare_data_loader(build_eval_loader(splits.val, batch_size=eval_batch))
     gather = functools.partial(acc.gather_for_metrics, use_gather_object=True)
@@ -134,11 +162,25 @@ def run_job(
         seed=preset.train.seed,
         drop_last=True,
     )
+
+    def record() -> None:  # on resume too (a longer schedule, a teacher that moved), once loaded
+        if acc.is_main_process:
+            write_run_record(run, preset, job)
+
     state = trainer.fit(
-        job.model, job.step, train_loader, evaluate, save, resume=resume, watch_zero=job.watch_zero
+        job.model,
+        job.step,
+        train_loader,
+        evaluate,
+        save,
+        resume=resume,
+        watch_zero=job.watch_zero,
+        on_start=record,
     )
+    drops = drop_reports(splits, trainer)
     if acc.is_main_process:
-        write_json(run.metrics, state.metrics)
+        write_json(run.metrics, {**state.metrics, "data": drops})
+    console.print(f"[dim]{drops_line(drops)}[/]", highlight=False)
     return state
 
 
@@ -152,11 +194,13 @@ def train_detector(
     console: Console,
     resume_hint: str,
 ) -> TrainerState:
-    """`crosskd teacher`: train the preset's detector on the ground truth alone."""
+    """`crosskd teacher`: train the preset's detector on the ground truth alone.
+
+    On resume the saved state holds the weights: `backbone_weights` is recorded, not read."""
     splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     trainer = Trainer(make_accelerator(preset.train, run), preset.train, run, console, resume_hint)
-    model = build_detector(spec, backbone_weights=backbone_weights)
+    model = build_detector(spec, backbone_weights=None if resume else backbone_weights)
     criterion = build_criterion(spec)
     reduce_mean = trainer.reduce_mean
 
@@ -164,8 +208,8 @@ def train_detector(
         out = model(batch.images, batch.image_sizes)
         return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
 
-    config = {"backbone_weights": str(backbone_weights or "")}
-    job = Job("teacher", model, spec, step, {"command": "teacher"}, config)
+    record = RunRecord("teacher", data.spec, backbone_weights=_absolute(backbone_weights))
+    job = Job("teacher", model, spec, step, {"command": "teacher"}, record)
     return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
 
 
@@ -225,7 +269,9 @@ def distill_student(
     console: Console,
     resume_hint: str,
 ) -> TrainerState:
-    """`crosskd distill`: the student learns from the ground truth and the frozen teacher."""
+    """`crosskd distill`: the student learns from the ground truth and the frozen teacher.
+
+    On resume the saved state holds the student: the initial weights are recorded, not read."""
     splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
@@ -238,7 +284,8 @@ def distill_student(
     teacher_ap = teacher_meta.metrics.get("AP")
     if eval_teacher:
         teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
-    student = build_student(spec, student_weights, backbone_weights)
+    initial = (None, None) if resume else (student_weights, backbone_weights)
+    student = build_student(spec, *initial)
     distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
     model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {
@@ -249,11 +296,17 @@ def distill_student(
         "teacher_ap": teacher_ap,
         "distill": to_dict(cfg),
     }
-    config = {
-        "teacher": str(teacher_path),
-        "student_weights": str(student_weights or ""),
-        "backbone_weights": str(backbone_weights or ""),
-    }
+    record = RunRecord(
+        "distill",
+        data.spec,
+        teacher=TeacherFile(str(teacher_path.resolve())),  # hashed when written
+        backbone_weights=_absolute(backbone_weights),
+        student_weights=_absolute(student_weights),
+    )
     watch = distiller.loss_names()
-    job = Job("student", model, spec, distiller.step, training, config, watch, export)
+    job = Job("student", model, spec, distiller.step, training, record, watch, export)
     return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.expanduser().resolve()) if path is not None else None

@@ -12,11 +12,14 @@ from rich.console import Console
 from crosskd_cli.checkpoint import read_meta
 from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource
+from crosskd_cli.errors import RunError
 from crosskd_cli.jobs import distill_student, train_detector
-from crosskd_cli.runs import RunDir, choose_run_dir, write_json
+from crosskd_cli.run_record import differences, read_run_preset
+from crosskd_cli.runs import RunDir, clear_run_dir, lock_run, write_json
 from crosskd_cli.teachers import teacher_cache_dir
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+STUDENTS = (("none", "2/3"), ("crosskd", "3/3"))  # (method, step shown)
 
 
 @dataclass
@@ -29,27 +32,31 @@ class Row:
     minutes: float
 
 
-def cached_teacher(pair: Preset, data: DataSource, overrides: list[str], console: Console) -> Row:
-    """Train the pair's teacher once per (teacher preset, data); later runs reuse it."""
-    run = RunDir(teacher_cache_dir(pair.teacher.preset, data.spec))
-    if run.best.is_file() and run.last.is_file():
-        meta = read_meta(run.best)
-        console.print(f"[dim]Reusing the cached teacher {run.best}.[/]")
-        return Row("teacher", run.best, meta.metrics, meta.training.get("seconds", 0) / 60)
-    resume = run.has_state()
-    if run.root.exists() and not resume:
-        run = choose_run_dir(run.root, "teacher", "", resume=False, overwrite=True)
+def cached_teacher(
+    pair: Preset, data: DataSource, overrides: list[str], console: Console, resume_hint: str
+) -> Row:
+    """Train the pair's teacher once per (teacher preset with the overrides, data); later runs
+    with the same settings reuse it (`teacher_cache_dir`)."""
     preset = load_preset(pair.teacher.preset, overrides)
-    console.rule(f"1/3 teacher {preset.name} ({preset.model.backbone}), cached for later runs")
-    state = train_detector(
-        preset,
-        data,
-        run,
-        resume=resume,
-        backbone_weights=None,
-        console=console,
-        resume_hint="crosskd quickstart (resumes the teacher where it stopped)",
-    )
+    run = RunDir(teacher_cache_dir(preset, data.spec))
+    with lock_run(run, "crosskd quickstart"):
+        if run.best.is_file() and run.last.is_file():
+            meta = read_meta(run.best)
+            console.print(f"[dim]Reusing the cached teacher {run.best}.[/]")
+            return Row("teacher", run.best, meta.metrics, meta.training.get("seconds", 0) / 60)
+        resume = run.has_state()
+        if not resume:  # what a killed first save left: start afresh
+            clear_run_dir(run)
+        console.rule(f"1/3 teacher {preset.name} ({preset.model.backbone}), cached for later runs")
+        state = train_detector(
+            preset,
+            data,
+            run,
+            resume=resume,
+            backbone_weights=None,
+            console=console,
+            resume_hint=resume_hint,
+        )
     return Row("teacher", run.best, state.metrics, state.wall_time / 60)
 
 
@@ -61,29 +68,51 @@ def student(
     root: Path,
     console: Console,
     step: str,
+    resume_hint: str,
 ) -> Row:
     """Train (or, when finished before, read back) the pair's student with `method`."""
-    preset = dataclasses.replace(pair, distill=dataclasses.replace(pair.distill, method=method))
-    run = RunDir(root / method.replace("+", "-"))
-    if run.best.is_file() and run.last.is_file():
-        meta = read_meta(run.best)
-        return Row(
-            _label(method, preset), run.best, meta.metrics, meta.training.get("seconds", 0) / 60
+    preset, run = student_preset(pair, method), student_run(root, method)
+    with lock_run(run, "crosskd quickstart"):
+        if run.best.is_file() and run.last.is_file():
+            meta = read_meta(run.best)
+            minutes = meta.training.get("seconds", 0) / 60
+            return Row(_label(method, preset), run.best, meta.metrics, minutes)
+        console.rule(f"{step} student {preset.model.backbone}, method {method}")
+        state = distill_student(
+            preset,
+            data,
+            run,
+            teacher,
+            resume=run.has_state(),
+            student_weights=None,
+            backbone_weights=None,
+            eval_teacher=False,
+            console=console,
+            resume_hint=resume_hint,
         )
-    console.rule(f"{step} student {preset.model.backbone}, method {method}")
-    state = distill_student(
-        preset,
-        data,
-        run,
-        teacher,
-        resume=run.has_state(),
-        student_weights=None,
-        backbone_weights=None,
-        eval_teacher=False,
-        console=console,
-        resume_hint=f"crosskd quickstart --out {root} (resumes where it stopped)",
-    )
     return Row(_label(method, preset), run.best, state.metrics, state.wall_time / 60)
+
+
+def student_preset(pair: Preset, method: str) -> Preset:
+    return dataclasses.replace(pair, distill=dataclasses.replace(pair.distill, method=method))
+
+
+def student_run(root: Path, method: str) -> RunDir:
+    return RunDir(root / method.replace("+", "-"))
+
+
+def check_students(pair: Preset, root: Path) -> None:
+    """Before any training: students in `root` made with other settings are not reused."""
+    for method, _ in STUDENTS:
+        run = student_run(root, method)
+        if not (run.has_state() or run.best.is_file()) or not run.preset.is_file():
+            continue
+        changed = differences(read_run_preset(run), student_preset(pair, method))
+        if changed:
+            raise RunError(
+                f"{run.root} holds a student trained with other settings: {'; '.join(changed)}.",
+                hint="Pass another --out to keep both, or the settings of that run.",
+            )
 
 
 def _label(method: str, preset: Preset) -> str:
@@ -93,13 +122,23 @@ def _label(method: str, preset: Preset) -> str:
 
 
 def run_quickstart(
-    pair: Preset, data: DataSource, root: Path, overrides: list[str], console: Console
+    pair: Preset,
+    data: DataSource,
+    root: Path,
+    overrides: list[str],
+    console: Console,
+    resume_hint: str,
 ) -> list[Row]:
-    """Teacher, `none` student and CrossKD student on the same data, the same schedule."""
-    teacher = cached_teacher(pair, data, overrides, console)
+    """Teacher, `none` student and CrossKD student on the same data, the same schedule.
+
+    resume_hint: the quickstart command with every flag, which resumes any of them."""
+    check_students(pair, root)
+    teacher = cached_teacher(pair, data, overrides, console, resume_hint)
     rows = [teacher]
-    rows.append(student(pair, data, "none", teacher.checkpoint, root, console, "2/3"))
-    rows.append(student(pair, data, "crosskd", teacher.checkpoint, root, console, "3/3"))
+    for method, step in STUDENTS:
+        rows.append(
+            student(pair, data, method, teacher.checkpoint, root, console, step, resume_hint)
+        )
     write_json(
         root / "summary.json",
         [

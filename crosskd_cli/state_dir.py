@@ -52,6 +52,20 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("iteration"), int) else None
 
 
+def marker_problem(folder: Path) -> str:
+    """Why `folder` is not a complete state (for a folder `read_marker` turned down)."""
+    path = folder / MARKER
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"{MARKER} is missing"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{MARKER} cannot be read ({getattr(err, 'strerror', None) or err})"
+    except ValueError:
+        return f"{MARKER} is not valid JSON"
+    return f"{MARKER} does not hold the training loop's position"
+
+
 def recover(state: Path) -> dict[str, Any] | None:
     """Make `state` the newest complete state among it, its .tmp and its .old; delete the rest.
 

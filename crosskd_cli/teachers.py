@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
 from rich.console import Console
 
-from crosskd_cli.config import Preset
+from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource, cache_root
 from crosskd_cli.errors import CheckpointError
+from crosskd_cli.run_record import RESULT_NEUTRAL
+from crosskd_cli.schema import to_plain
 
 
-def teacher_cache_dir(teacher_preset: str, data_spec: str) -> Path:
-    """The run folder of the cached teacher of (preset, data): trained once, then reused."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(teacher_preset).stem}-{data_spec}")[:60]
-    digest = hashlib.sha1(f"{teacher_preset}|{data_spec}".encode()).hexdigest()[:8]
+def teacher_cache_dir(teacher: Preset, data_spec: str) -> Path:
+    """The run folder of the cached teacher of `teacher` (a detector preset, overrides
+    applied) on `data_spec`: trained once, then reused.
+
+    Keyed on every setting that changes the teacher (its model, data and train sections, the
+    data spec), so a teacher trained with another schedule or model is never reused in the
+    place of this one; settings that change nothing it computes (`RESULT_NEUTRAL`) and the
+    preset's name and description are left out of the key.
+    """
+    plain = to_plain(teacher)
+    key = {
+        section: {
+            field: value
+            for field, value in plain[section].items()
+            if f"{section}.{field}" not in RESULT_NEUTRAL and f"{section}.{field}" != "data.source"
+        }
+        for section in ("model", "data", "train")
+    }
+    text = json.dumps({"preset": key, "data": data_spec}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{teacher.name}-{data_spec}")[:60]
     return cache_root() / "teachers" / f"{slug}-{digest}"
 
 
@@ -38,7 +58,9 @@ def resolve_teacher(preset: Preset, data: DataSource, given: Path | None, consol
         weights = Path(preset.teacher.weights).expanduser()
         if weights.is_file():
             return weights
-    cached = teacher_cache_dir(preset.teacher.preset, data.spec) / "best.safetensors"
+    # the cache of the teacher preset as shipped: `quickstart --set ...` teachers are not it
+    teacher_preset = load_preset(preset.teacher.preset)
+    cached = teacher_cache_dir(teacher_preset, data.spec) / "best.safetensors"
     if cached.is_file():
         console.print(f"[dim]Using the cached teacher {cached}.[/]")
         return cached

@@ -348,7 +348,7 @@ def test_every_family_trains_distills_and_evaluates_end_to_end(family, tmp_path)
     header = (student / "results.csv").read_text().splitlines()[0]
     assert "kd_cross_cls" in header and "kd_cross_box" in header
     assert ("kd_cross_centerness" in header) == (family == "atss")
-    config = (student / "config.yaml").read_text()
+    config = (student / "preset.yaml").read_text()
     weights = {
         "retinanet": "box_weight: 1.0",
         "atss": "box_weight: 1.0",

@@ -53,6 +53,16 @@ def test_teacher_and_distill_run_as_two_gloo_processes(tmp_path):
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     recorded = read_meta(teacher / "best.safetensors").metrics
     assert {k: measured[k] for k in METRIC_KEYS} == {k: recorded[k] for k in METRIC_KEYS}
+    # resumed from the folder alone: the main process locks and reads it, the other follows
+    code, output = torchrun(
+        tmp_path / "r.log", "teacher", "--resume", "--out", str(teacher),
+        "--set", "train.max_iters=4",
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert output.count("Extending the schedule from 3 to 4 iterations.") == 1
+    assert json.loads((teacher / "last" / "trainer_state.json").read_text())["iteration"] == 4
+    drops = json.loads((teacher / "metrics.json").read_text())["data"]  # merged over ranks
+    assert drops["train"]["images_used"] == 24 and not (teacher / ".lock").exists()
     student = tmp_path / "student"
     code, output = torchrun(
         tmp_path / "s.log", "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,

@@ -84,7 +84,7 @@ def test_a_registered_family_trains_distills_and_evaluates_through_the_cli(regis
     assert result.exit_code == 0, result.output
     meta = read_meta(student / "best.safetensors")
     assert meta.model.family == "toy" and meta.training["method"] == "crosskd+logitl2"
-    assert "cls_weight: 2.0" in (student / "config.yaml").read_text()  # the family's default
+    assert "cls_weight: 2.0" in (student / "preset.yaml").read_text()  # the family's default
     header = (student / "results.csv").read_text().splitlines()[0].split(",")
     assert {"kd_cross_cls", "kd_cross_box", "kd_logitl2"} <= set(header)
     result = invoke("eval", str(student / "best.safetensors"), "--out", str(tmp_path / "eval"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from crosskd_cli.state_dir import STEPS
 
 ROOT = Path(__file__).parent.parent
 DATA = "builtin:shapes:images=24,val=8,size=96"
@@ -99,9 +102,9 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identica
     stopped = teacher_run(out, *loader, action="sigterm", at=4)
     assert stopped.returncode == 143, stopped.stderr
     assert "Interrupted: Stopped by SIGTERM at epoch 1, iteration 4" in stopped.stderr
-    assert "Resume with:" in stopped.stderr and "--resume" in stopped.stderr
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: crosskd teacher --resume --out {out}"
     assert "Traceback" not in stopped.stderr
-    resumed = teacher_run(out, *loader, "--resume")
+    resumed = crosskd("teacher", "--resume", "--out", str(out))  # the folder knows the rest
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
     assert epochs_in(out / "results.csv") == [1, 2]
@@ -119,12 +122,31 @@ def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tm
 
     straight = distill(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    assert distill(tmp_path / "run", action="sigterm", at=8).returncode == 143  # in epoch 2
-    resumed = distill(tmp_path / "run", "--resume")
+    stopped = distill(tmp_path / "run", action="sigterm", at=8)
+    assert stopped.returncode == 143  # in epoch 2
+    command = f"crosskd distill --resume --out {tmp_path / 'run'}"
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: {command}"
+    resumed = crosskd(*shlex.split(command)[1:])  # no --teacher, --data, --preset nor --set
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(
         tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors"
     )
+
+
+def test_a_stopped_quickstart_prints_its_command_with_every_flag_and_it_resumes(tmp_path):
+    out = tmp_path / "quickstart"
+    flags = ["--set", "data.num_workers=0", "--set", "data.scale=[96,96]",
+             "--set", "train.max_iters=3", "--set", "train.batch_size=4"]  # fmt: skip
+    stopped = crosskd(
+        "quickstart", "--data", DATA, *flags, "--out", str(out), action="sigterm", at=2
+    )
+    assert stopped.returncode == 143, stopped.stderr
+    words = ["quickstart", "--preset", "shapes-gfl-r34-to-r18", "--data", DATA, *flags]
+    command = shlex.join(["crosskd", *words, "--out", str(out)])  # quoted for a shell
+    assert stopped.stderr.splitlines()[-1] == f"Resume with: {command}"
+    resumed = crosskd(*shlex.split(command)[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Reusing the cached teacher" not in resumed.stdout  # it was stopped: resumed instead
 
 
 @pytest.mark.parametrize("step", ["retire", "promote"])
@@ -135,7 +157,7 @@ def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
     killed = teacher_run(out, "--set", "data.num_workers=0", action=f"kill-before-{step}", at=1)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "last").exists() or step == "retire"  # mid-swap: last/ may be gone
-    resumed = teacher_run(out, "--set", "data.num_workers=0", "--resume")
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert epochs_in(out / "results.csv") == [1, 2]  # the epoch-1 row written once
     assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
@@ -143,6 +165,30 @@ def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
         "last",
         "last.safetensors",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("save", [1, 2])  # the end of epoch 1; the end of the run
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_before_every_step_of_a_save_resumes_from_the_folder_alone(
+    uninterrupted, tmp_path, step, save, workers
+):
+    """Before the first save's marker there is nothing to resume: said in one line. Anywhere
+    else the run resumes from its folder alone and ends bit-identical, one row per epoch."""
+    out = tmp_path / "run"
+    loader = ["--set", f"data.num_workers={workers}"]
+    killed = teacher_run(out, *loader, action=f"kill-before-{step}", at=save)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    if save == 1 and step in ("write", "mark"):
+        assert resumed.returncode == 2 and "holds no resumable state" in resumed.stderr
+        assert "Traceback" not in resumed.stderr
+        return
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert epochs_in(out / "results.csv") == [1, 2]
+    assert not (out / ".lock").exists()
 
 
 def test_a_diverging_run_skips_its_nan_steps_then_stops_naming_the_term(tmp_path):

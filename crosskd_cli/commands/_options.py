@@ -58,8 +58,9 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="Continue an interrupted run from its last/ state (the latest run of "
-        "this preset, or --out).",
+        help="Continue an interrupted run from its last/ state: `--resume --out RUN` needs no "
+        "other option (the folder knows its preset, data and teacher). Without --out: the "
+        "latest run of the preset.",
     ),
 ]
 OverwriteOpt = Annotated[

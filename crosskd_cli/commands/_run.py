@@ -6,10 +6,12 @@ Imported by `--help`: anything that pulls in torch is imported inside the functi
 from __future__ import annotations
 
 import shlex
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import typer
 from rich.console import Console
 
 from crosskd_cli.commands._common import data_source
@@ -31,44 +33,197 @@ class DataPaths(NamedTuple):
     val_ann: Path | None
     val_images: Path | None
 
+    def given(self) -> bool:
+        return any(v is not None for v in self)
 
-def load_run_inputs(
-    console: Console, preset: str, settings: list[str], skip_bad_images: bool, paths: DataPaths
-) -> tuple[Preset, DataSource]:
-    """The preset with the --set `settings` applied, and the data it trains on.
 
-    From here on only the main process prints; it also generates built-in data first, so the
-    other processes find it on disk instead of generating it once each.
+class RunRequest(NamedTuple):
+    """A `teacher` or `distill` command line, as typed."""
+
+    command: str  # teacher or distill
+    preset: str
+    preset_given: bool  # --preset typed, not its default
+    settings: list[str]  # --set, and the flags standing for one (--cross-index, --method...)
+    paths: DataPaths
+    out: Path | None
+    resume: bool
+    overwrite: bool
+    teacher: Path | None = None
+    backbone_weights: Path | None = None
+    student_weights: Path | None = None
+
+
+class RunInputs(NamedTuple):
+    """What a run goes with: its settings, data, locked folder, teacher and initial weights."""
+
+    preset: Preset
+    source: DataSource
+    run: RunDir
+    resume_hint: str  # the command that resumes it: `crosskd <command> --resume --out RUN`
+    teacher: Path | None
+    backbone_weights: Path | None
+    student_weights: Path | None
+
+
+@contextmanager
+def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
+    """Set a run up, holding its folder's lock (main process) while the block runs.
+
+    A new run: the preset with the settings, the folder, the data, the teacher. A resumed one
+    reads them all from its folder; what is given again must agree (`run_record`). From here
+    on only the main process prints.
     """
-    from crosskd_cli.engine import main_process_first, quiet_unless_main
+    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.errors import OptionError
+    from crosskd_cli.runs import check_folder
 
-    settings = settings + (["data.skip_bad_images=true"] if skip_bad_images else [])
-    spec = load_preset(preset, settings)
-    quiet_unless_main(console)
-    with main_process_first():
-        source = data_source(
-            paths.data, spec, paths.train_ann, paths.train_images, paths.val_ann, paths.val_images
+    if request.resume and request.overwrite:
+        raise OptionError(
+            "--resume continues a run and --overwrite replaces it: give one of them.",
+            hint=f"Resume with `crosskd {request.command} --resume --out RUN`.",
         )
-    return spec, source
+    if request.out is not None:
+        check_folder(request.out)
+    if request.resume:
+        quiet_unless_main(console)
+        with claimed_run(request, Path(request.preset).stem) as run:
+            hint = resume_command(request.command, run)
+            resumed = from_main_process(lambda: read_resumed(request, run, hint))
+            for note in resumed.notes:
+                console.print(note, highlight=False)
+            with main_process_first():
+                source = data_source(resumed.data, resumed.preset, None, None, None, None)
+            yield RunInputs(resumed.preset, source, run, hint, *resumed.inputs)
+        return
+    spec = load_preset(request.preset, request.settings)
+    quiet_unless_main(console)
+    with claimed_run(request, spec.name) as run:
+        with main_process_first():  # generates built-in data once, for every process
+            data, *split_paths = request.paths
+            source = data_source(data, spec, *split_paths)
+        teacher = None
+        if request.command == "distill":
+            from crosskd_cli.teachers import resolve_teacher
+
+            teacher = resolve_teacher(spec, source, request.teacher, console)
+        yield RunInputs(
+            spec,
+            source,
+            run,
+            resume_command(request.command, run),
+            teacher,
+            request.backbone_weights,
+            request.student_weights,
+        )
 
 
-def open_run(
-    command: str, preset: Preset, out: Path | None, *, resume: bool, overwrite: bool
-) -> tuple[RunDir, str]:
-    """The run folder, chosen by the main process for all, and the command that resumes it."""
+@contextmanager
+def claimed_run(request: RunRequest, preset_name: str) -> Iterator[RunDir]:
+    """The run folder, chosen and locked by the main process for all, released at the end."""
     from crosskd_cli.engine import from_main_process
-    from crosskd_cli.runs import choose_run_dir
+    from crosskd_cli.runs import claim_run_dir
 
-    run = from_main_process(
-        lambda: choose_run_dir(out, command, preset.name, resume=resume, overwrite=overwrite)
+    held = []
+
+    def claim() -> RunDir:
+        lock = claim_run_dir(
+            request.out,
+            request.command,
+            preset_name,
+            resume=request.resume,
+            overwrite=request.overwrite,
+        )
+        held.append(lock)
+        return lock.run
+
+    run = from_main_process(claim)
+    try:
+        yield run
+    finally:
+        for lock in held:
+            lock.release()
+
+
+class Resumed(NamedTuple):
+    preset: Preset
+    notes: tuple[str, ...]
+    data: str
+    inputs: tuple[Path | None, Path | None, Path | None]  # teacher, backbone, student weights
+
+
+def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
+    """The run's own inputs, from its folder; anything given again must be the same, but for
+    a longer schedule and the settings that change no result."""
+    from crosskd_cli.errors import RunError
+    from crosskd_cli.run_record import (
+        check_data,
+        check_teacher,
+        check_weights,
+        plan_resume,
+        read_record,
+        read_run_preset,
     )
-    resume_hint = command_line() if resume else f"{command_line()} --resume --out {run.root}"
-    return run, resume_hint
+    from crosskd_cli.state_dir import read_marker
+
+    record = read_record(run)
+    if record.command != request.command:
+        raise RunError(
+            f"{run.root} is a run of `crosskd {record.command}`, not of `crosskd "
+            f"{request.command}`.",
+            hint=f"Resume it with `{resume_command(record.command, run)}`.",
+        )
+    keys = {item.partition("=")[0].strip() for item in request.settings}
+    given_preset = request.preset if request.preset_given else None
+    if given_preset is not None:
+        requested = load_preset(given_preset, request.settings)
+    else:
+        requested = read_run_preset(run, request.settings)
+    plan = plan_resume(
+        read_run_preset(run), requested, keys, preset_given=given_preset, resume_command=hint
+    )
+    data = check_data(given_data_spec(request.paths), record.data, hint)
+    teacher = None
+    if request.command == "distill":
+        teacher = check_teacher(record.teacher, request.teacher)
+    check_weights("--backbone-weights", request.backbone_weights, record.backbone_weights, hint)
+    check_weights("--student-weights", request.student_weights, record.student_weights, hint)
+    marker = read_marker(run.state)
+    where = f" at iteration {marker['iteration']}" if marker else ""
+    notes = (f"Resuming {run.root}{where}.", *plan.notes)
+    inputs = (teacher, _path(record.backbone_weights), _path(record.student_weights))
+    return Resumed(plan.preset, notes, data, inputs)
 
 
-def command_line() -> str:
-    """The command as the user typed it, for 'resume with ...' hints."""
-    return shlex.join(["crosskd", *sys.argv[1:]])
+def given_data_spec(paths: DataPaths) -> str | None:
+    """The data spec of --data (or the split paths) given again, without generating data."""
+    from crosskd_cli.data import resolve_data
+
+    if not paths.given():
+        return None
+    if paths.data is not None and paths.data.startswith("builtin:"):
+        return paths.data
+    return resolve_data(
+        paths.data,
+        train_ann=paths.train_ann,
+        train_images=paths.train_images,
+        val_ann=paths.val_ann,
+        val_images=paths.val_images,
+    ).spec
+
+
+def typed(ctx: typer.Context, option: str) -> bool:
+    """Was `option` given on the command line (not left to its default)?"""
+    source = ctx.get_parameter_source(option)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def resume_command(command: str, run: RunDir) -> str:
+    """The whole command that resumes `run`: its folder knows everything else."""
+    return shlex.join(["crosskd", command, "--resume", "--out", str(run.root)])
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def print_run_summary(console: Console, run: RunDir, state: TrainerState) -> None:
@@ -78,5 +233,5 @@ def print_run_summary(console: Console, run: RunDir, state: TrainerState) -> Non
     console.print(
         f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
         f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
-        f"{run.results.name}, {run.config.name}."
+        f"{run.results.name}, {run.preset.name}, {run.config.name}."
     )

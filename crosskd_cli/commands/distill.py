@@ -22,7 +22,13 @@ from crosskd_cli.commands._options import (
     ValAnnOpt,
     ValImagesOpt,
 )
-from crosskd_cli.commands._run import DataPaths, load_run_inputs, open_run, print_run_summary
+from crosskd_cli.commands._run import (
+    DataPaths,
+    RunRequest,
+    print_run_summary,
+    started_run,
+    typed,
+)
 from crosskd_cli.config import DEFAULT_PAIR
 
 if TYPE_CHECKING:
@@ -32,6 +38,7 @@ console = Console()
 
 
 def distill(
+    ctx: typer.Context,
     preset: PresetOpt = DEFAULT_PAIR,
     data: DataOpt = None,
     cross_index: Annotated[
@@ -89,30 +96,44 @@ def distill(
 
     Example: crosskd distill --preset gfl-r101-to-r50 --cross-index 3 --data /coco --teacher
     gfl_r101.safetensors
+
+    Stopped (Ctrl-C, SIGTERM)? `crosskd distill --resume --out RUN` goes on: the run folder
+    knows its preset, data and teacher.
     """
     from crosskd_cli.jobs import distill_student
-    from crosskd_cli.teachers import resolve_teacher
 
     settings = list(overrides or [])
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
     settings += [f"distill.method={method}"] if method is not None else []
-    paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
-    spec, source = load_run_inputs(console, preset, settings, skip_bad_images, paths)
-    teacher_path = resolve_teacher(spec, source, teacher, console)
-    run, resume_hint = open_run("distill", spec, out, resume=resume, overwrite=overwrite)
-    _print_banner(spec, source.spec, teacher_path, run.root)
-    state = distill_student(
-        spec,
-        source,
-        run,
-        teacher_path,
+    settings += ["data.skip_bad_images=true"] if skip_bad_images else []
+    request = RunRequest(
+        "distill",
+        preset,
+        preset_given=typed(ctx, "preset"),
+        settings=settings,
+        paths=DataPaths(data, train_ann, train_images, val_ann, val_images),
+        out=out,
         resume=resume,
-        student_weights=student_weights,
+        overwrite=overwrite,
+        teacher=teacher,
         backbone_weights=backbone_weights,
-        eval_teacher=eval_teacher,
-        console=console,
-        resume_hint=resume_hint,
+        student_weights=student_weights,
     )
+    with started_run(console, request) as inputs:
+        spec, run = inputs.preset, inputs.run
+        _print_banner(spec, inputs.source.spec, inputs.teacher, run.root)
+        state = distill_student(
+            spec,
+            inputs.source,
+            run,
+            inputs.teacher,
+            resume=resume,
+            student_weights=inputs.student_weights,
+            backbone_weights=inputs.backbone_weights,
+            eval_teacher=eval_teacher,
+            console=console,
+            resume_hint=inputs.resume_hint,
+        )
     print_run_summary(console, run, state)
 
 

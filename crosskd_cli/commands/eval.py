@@ -69,9 +69,11 @@ def evaluate(
     from crosskd_cli.evaluate import evaluate_checkpoint
     from crosskd_cli.metrics import metrics_table, per_class_table
     from crosskd_cli.progress import progress_bar
-    from crosskd_cli.runs import write_json
+    from crosskd_cli.runs import check_folder, write_json
 
     target = check_eval_options(backend, batch_size, device)
+    if out is not None:
+        check_folder(out)
     source = eval_data_source(checkpoint, data, val_ann, val_images, console)
     out = out or checkpoint.parent / f"eval-{checkpoint.stem}"
     targets = [out / "predictions.json", out / "metrics.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -28,14 +29,15 @@ def quickstart(
 ) -> None:
     """Run the whole CrossKD story on the built-in data in about ten minutes on a laptop CPU.
 
-    Trains the teacher (or reuses it from the cache, keyed by preset and data), then the same
-    student twice, without KD and with CrossKD, and prints one table of their COCO metrics.
-    Interrupted? Run the same command again: it resumes.
+    Trains the teacher (or reuses it from the cache, keyed by its settings and the data), then
+    the same student twice, without KD and with CrossKD, and prints one table of their COCO
+    metrics. Interrupted? Run the same command again: it resumes.
 
     Example: crosskd quickstart
     """
     from crosskd_cli.metrics import comparison_table
     from crosskd_cli.quickstart import run_quickstart
+    from crosskd_cli.runs import check_folder
 
     pair = load_preset(preset, list(overrides or []))
     if not pair.is_pair:
@@ -43,8 +45,10 @@ def quickstart(
             f"Preset '{preset}' is not a teacher/student pair.",
             hint="Use a pair preset such as shapes-gfl-r34-to-r18.",
         )
+    check_folder(out)
     source = data_source(data, pair, None, None, None, None)
-    rows = run_quickstart(pair, source, out, list(overrides or []), console)
+    hint = quickstart_command(preset, data, list(overrides or []), out)
+    rows = run_quickstart(pair, source, out, list(overrides or []), console, hint)
     console.print(
         comparison_table(
             {r.name: r.metrics for r in rows}, f"crosskd quickstart: {pair.name} on {source.spec}"
@@ -56,3 +60,12 @@ def quickstart(
         + ", ".join(str(r.checkpoint) for r in rows)
         + f". Summary: {out / 'summary.json'}"
     )
+
+
+def quickstart_command(preset: str, data: str | None, overrides: list[str], out: Path) -> str:
+    """The quickstart command with every flag given, which resumes (or reuses) its runs."""
+    words = ["crosskd", "quickstart", "--preset", preset]
+    words += ["--data", data] if data is not None else []
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join([*words, "--out", str(out)])

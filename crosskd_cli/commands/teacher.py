@@ -25,7 +25,13 @@ from crosskd_cli.commands._options import (
     ValAnnOpt,
     ValImagesOpt,
 )
-from crosskd_cli.commands._run import DataPaths, load_run_inputs, open_run, print_run_summary
+from crosskd_cli.commands._run import (
+    DataPaths,
+    RunRequest,
+    print_run_summary,
+    started_run,
+    typed,
+)
 from crosskd_cli.config import DEFAULT_TEACHER, load_preset
 
 console = Console()
@@ -48,7 +54,8 @@ def train(
 ) -> None:
     """Train a teacher detector from a preset; or `crosskd teacher import FILE` to convert one.
 
-    Writes a run folder with config.yaml, results.csv, best.safetensors and last.safetensors.
+    Writes a run folder with preset.yaml, config.yaml, results.csv, best.safetensors and
+    last.safetensors. Stopped (Ctrl-C, SIGTERM)? `crosskd teacher --resume --out RUN` goes on.
 
     Example: crosskd teacher --preset shapes-gfl-r34 --data builtin:shapes
 
@@ -58,22 +65,33 @@ def train(
         return
     from crosskd_cli.jobs import train_detector
 
-    paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
-    spec, source = load_run_inputs(console, preset, overrides or [], skip_bad_images, paths)
-    run, resume_hint = open_run("teacher", spec, out, resume=resume, overwrite=overwrite)
-    console.print(
-        f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
-        f"{spec.model.family}) on [cyan]{source.spec}[/] -> {run.root}"
-    )
-    state = train_detector(
-        spec,
-        source,
-        run,
+    settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
+    request = RunRequest(
+        "teacher",
+        preset,
+        preset_given=typed(ctx, "preset"),
+        settings=settings,
+        paths=DataPaths(data, train_ann, train_images, val_ann, val_images),
+        out=out,
         resume=resume,
+        overwrite=overwrite,
         backbone_weights=backbone_weights,
-        console=console,
-        resume_hint=resume_hint,
     )
+    with started_run(console, request) as inputs:
+        spec, run = inputs.preset, inputs.run
+        console.print(
+            f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
+            f"{spec.model.family}) on [cyan]{inputs.source.spec}[/] -> {run.root}"
+        )
+        state = train_detector(
+            spec,
+            inputs.source,
+            run,
+            resume=resume,
+            backbone_weights=inputs.backbone_weights,
+            console=console,
+            resume_hint=inputs.resume_hint,
+        )
     print_run_summary(console, run, state)
 
 

@@ -328,7 +328,7 @@ class CocoDetection(Dataset):
             "are not scored."
         )
 
-    def drop_report(self) -> dict[str, int]:
+    def drop_report(self, merge: Callable[[Tensor], Tensor] | None = None) -> dict[str, int]:
         """What this split left out, as plain counts (see `boxes.index_boxes`).
 
         images, annotations: as listed in the json; crowd_boxes, invalid_boxes,
@@ -336,13 +336,18 @@ class CocoDetection(Dataset):
         images_used: len(self); unreadable_images_skipped and images_size_mismatch (decoded
         pixels differ from the json's width/height; boxes clipped to the pixels): distinct
         images met so far by any DataLoader worker of this process. Under several processes
-        (DDP) each counts the images of its own shard: sum the last two across processes.
+        (DDP) each meets the images of its own shard: `merge` sums the per-image marks
+        (flags x images, int32) over the processes, so that each image counts once.
         """
+        marks = self._log.marks()
+        if merge is not None:
+            marks = merge(marks)
+        met = (marks > 0).sum(dim=1).tolist()
         return {
             **self._counts,
             "images_used": len(self),
-            "unreadable_images_skipped": self._log.count("unreadable"),
-            "images_size_mismatch": self._log.count("size_mismatch"),
+            "unreadable_images_skipped": met[ReadLog.FLAGS.index("unreadable")],
+            "images_size_mismatch": met[ReadLog.FLAGS.index("size_mismatch")],
         }
 
     def set_epoch(self, epoch: int, seed: int = 0) -> None:

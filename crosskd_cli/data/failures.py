@@ -78,6 +78,10 @@ class ReadLog:
     def mark(self, flag: str, image_id: int) -> None:
         self._flags[self.FLAGS.index(flag), self._position[image_id]] = 1
 
+    def marks(self) -> torch.Tensor:
+        """A copy of the marks: (len(FLAGS), images) int32, 1 where marked."""
+        return self._flags.to(torch.int32)
+
     def count(self, flag: str) -> int:
         """Distinct images marked with `flag`, by any process reading this dataset."""
         return int(self._flags[self.FLAGS.index(flag)].sum())

@@ -135,6 +135,36 @@ def test_unreadable_images_skipped_by_worker_processes_are_counted(tmp_path):
     assert train.drop_report()["unreadable_images_skipped"] == 2
 
 
+def test_under_several_processes_an_unreadable_image_met_by_two_counts_once(tmp_path):
+    root = make_coco(tmp_path / "coco", images(4), [box(k, k, [2, 3, 10, 8]) for k in (1, 2, 3, 4)])
+    truncate(root / "train2017" / "2.jpg")
+    truncate(root / "train2017" / "3.jpg")
+    first, second = (split(root, scale=(64, 64), skip_bad_images=True) for _ in range(2))
+    first[1]  # image 2: skipped
+    second[1], second[2]  # images 2 and 3
+    marks = []
+    second.drop_report(lambda own: marks.append(own) or own)
+    report = first.drop_report(lambda own: own + marks[0])  # the sum over both "processes"
+    assert report["unreadable_images_skipped"] == 2  # 2 and 3, image 2 once
+
+
+def test_a_run_prints_what_its_data_dropped_and_records_it_in_metrics_json(tmp_path):
+    annotations = [box(k, k, [2, 3, 10, 8]) for k in (1, 2, 3, 4)]
+    annotations += [box(5, 1, [5, 5, 10, 10], iscrowd=1), box(6, 2, [30, 20, 20, 20])]
+    root = make_coco(tmp_path / "coco", images(4), annotations)
+    truncate(root / "train2017" / "3.jpg")
+    result = teacher(root, tmp_path / "run", "--skip-bad-images")
+    assert result.exit_code == 0, result.output
+    line = "Data dropped or fixed: train: crowd boxes 1, clipped boxes 1, unreadable images "
+    line += "skipped 1; val: crowd boxes 1, clipped boxes 1."
+    assert line in " ".join(result.output.split())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "AP" in metrics  # beside the evaluation
+    train, val = metrics["data"]["train"], metrics["data"]["val"]
+    assert (train["unreadable_images_skipped"], train["images_used"]) == (1, 4)
+    assert val["crowd_boxes"] == 1
+
+
 def test_an_unreadable_image_reads_as_the_same_one_line_with_or_without_workers(tmp_path):
     root = make_coco(tmp_path / "coco", images(4), [box(k, k, [2, 3, 10, 8]) for k in (1, 2, 3, 4)])
     bad = root / "train2017" / "2.jpg"
