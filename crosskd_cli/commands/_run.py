@@ -33,23 +33,34 @@ class DataPaths(NamedTuple):
 
 
 def load_run_inputs(
-    console: Console, preset: str, settings: list[str], skip_bad_images: bool, paths: DataPaths
-) -> tuple[Preset, DataSource]:
-    """The preset with the --set `settings` applied, and the data it trains on.
+    console: Console,
+    preset: str,
+    settings: list[str],
+    skip_bad_images: bool,
+    paths: DataPaths,
+    backbone: tuple[Path | None, bool] = (None, False),
+) -> tuple[Preset, DataSource, Path | None]:
+    """The preset with the --set `settings` applied, the data it trains on and the ImageNet
+    file its backbone starts from (None: from scratch).
 
-    From here on only the main process prints; it also generates built-in data first, so the
-    other processes find it on disk instead of generating it once each.
+    backbone: (--backbone-weights, --download-weights). The file is found (or downloaded)
+    before any data is read, so a missing one stops the run at once. From here on only the
+    main process prints; it also downloads and generates built-in data first, so the other
+    processes find them on disk instead of fetching them once each.
     """
     from crosskd_cli.engine import main_process_first, quiet_unless_main
+    from crosskd_cli.pretrained import resolve
 
     settings = settings + (["data.skip_bad_images=true"] if skip_bad_images else [])
     spec = load_preset(preset, settings)
     quiet_unless_main(console)
     with main_process_first():
+        weights = resolve(spec.model, *backbone)
+    with main_process_first():
         source = data_source(
             paths.data, spec, paths.train_ann, paths.train_images, paths.val_ann, paths.val_images
         )
-    return spec, source
+    return spec, source, weights
 
 
 def open_run(

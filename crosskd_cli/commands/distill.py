@@ -11,6 +11,7 @@ from rich.console import Console
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
+    DownloadWeightsOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -70,6 +71,7 @@ def distill(
         typer.Option("--student-weights", help="Start the student from a crosskd checkpoint."),
     ] = None,
     backbone_weights: BackboneWeightsOpt = None,
+    download_weights: DownloadWeightsOpt = False,
     train_ann: TrainAnnOpt = None,
     train_images: TrainImagesOpt = None,
     val_ann: ValAnnOpt = None,
@@ -97,10 +99,13 @@ def distill(
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
     settings += [f"distill.method={method}"] if method is not None else []
     paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
-    spec, source = load_run_inputs(console, preset, settings, skip_bad_images, paths)
+    backbone = (backbone_weights, download_weights)
+    spec, source, weights = load_run_inputs(
+        console, preset, settings, skip_bad_images, paths, backbone
+    )
     teacher_path = resolve_teacher(spec, source, teacher, console)
     run, resume_hint = open_run("distill", spec, out, resume=resume, overwrite=overwrite)
-    _print_banner(spec, source.spec, teacher_path, run.root)
+    _print_banner(spec, source.spec, teacher_path, run.root, weights)
     state = distill_student(
         spec,
         source,
@@ -108,7 +113,7 @@ def distill(
         teacher_path,
         resume=resume,
         student_weights=student_weights,
-        backbone_weights=backbone_weights,
+        backbone_weights=weights,
         eval_teacher=eval_teacher,
         console=console,
         resume_hint=resume_hint,
@@ -116,14 +121,15 @@ def distill(
     print_run_summary(console, run, state)
 
 
-def _print_banner(spec: Preset, data: str, teacher: Path, root: Path) -> None:
+def _print_banner(spec: Preset, data: str, teacher: Path, root: Path, weights: Path | None) -> None:
     from crosskd_cli.inspection import cross_branch_reuse
     from crosskd_cli.kd_terms import method_terms
+    from crosskd_cli.pretrained import describe
 
     cfg = spec.distill
     console.print(
         f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher} -> student "
-        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
+        f"{spec.model.backbone} ({describe(weights)}); method [bold]{cfg.method}[/], cross index "
         f"[bold]{cfg.cross_index}[/] on [cyan]{data}[/] -> {root}"
     )
     if any(term.needs_taps for term in method_terms(cfg.method)):

@@ -14,6 +14,7 @@ from crosskd_cli.commands._common import data_source, refuse_to_clobber
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
+    DownloadWeightsOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -44,6 +45,7 @@ def train(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     backbone_weights: BackboneWeightsOpt = None,
+    download_weights: DownloadWeightsOpt = False,
     skip_bad_images: SkipBadImagesOpt = False,
 ) -> None:
     """Train a teacher detector from a preset; or `crosskd teacher import FILE` to convert one.
@@ -57,20 +59,24 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     from crosskd_cli.jobs import train_detector
+    from crosskd_cli.pretrained import describe
 
     paths = DataPaths(data, train_ann, train_images, val_ann, val_images)
-    spec, source = load_run_inputs(console, preset, overrides or [], skip_bad_images, paths)
+    backbone = (backbone_weights, download_weights)
+    spec, source, weights = load_run_inputs(
+        console, preset, overrides or [], skip_bad_images, paths, backbone
+    )
     run, resume_hint = open_run("teacher", spec, out, resume=resume, overwrite=overwrite)
     console.print(
         f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
-        f"{spec.model.family}) on [cyan]{source.spec}[/] -> {run.root}"
+        f"{spec.model.family}, {describe(weights)}) on [cyan]{source.spec}[/] -> {run.root}"
     )
     state = train_detector(
         spec,
         source,
         run,
         resume=resume,
-        backbone_weights=backbone_weights,
+        backbone_weights=weights,
         console=console,
         resume_hint=resume_hint,
     )
