@@ -3,6 +3,7 @@ CLI's refusal without the file, loading and freezing through a real run, offline
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,10 @@ from typer.testing import CliRunner
 from crosskd_cli import jobs
 from crosskd_cli.checkpoint import load_checkpoint
 from crosskd_cli.cli import app
-from crosskd_cli.config import load_preset
+from crosskd_cli.config import list_presets, load_preset
 from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.models import build_detector
-from crosskd_cli.pretrained import BACKBONE_INITS, cache_path, resolve
+from crosskd_cli.pretrained import BACKBONE_INITS, SCRATCH, cache_path, resolve
 from crosskd_cli.specs import ModelSpec
 
 runner = CliRunner()
@@ -29,6 +30,18 @@ TINY = [
     "--set", "data.num_workers=0", "--set", "data.scale=[96,96]", "--set", "train.warmup_iters=2",
 ]  # fmt: skip
 WITH_INIT = ["--preset", "shapes-gfl-r18", "--set", f"model.backbone_init={R18}"]
+
+
+def test_every_paper_preset_starts_from_imagenet_and_every_shapes_preset_from_scratch():
+    for name in list_presets():
+        spec = load_preset(name).model
+        if name.startswith("shapes-"):
+            assert spec.backbone_init == SCRATCH, name
+        else:
+            source = BACKBONE_INITS[spec.backbone_init]
+            assert source is not None and spec.backbone in source.backbones, name
+            assert re.fullmatch(r"[\w.]+-[0-9a-f]{8}\.pth", source.file), source.file
+            assert source.url.endswith("/" + source.file)
 
 
 def test_the_schema_refuses_an_unknown_init_and_check_spec_a_misfit():
