@@ -189,3 +189,46 @@ def test_mmdetection_named_caffe_weights_load_without_num_batches_tracked(tmp_pa
     backbone = build_detector(spec, backbone_weights=path).backbone
     assert torch.equal(backbone.layer3[2].conv2.weight, state["layer3.2.conv2.weight"])
     assert not backbone.layer1[0].conv1.weight.requires_grad
+
+
+def mmcls_mobilenet_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (torchvision names) under mmcls's MobileNetV2 names, as MMDetection's file has
+    them: every name the converter maps, found by running it on each candidate."""
+    from crosskd_cli.backbone_import import convert_mmdet_backbone
+    from crosskd_cli.models.mobilenet import LAYER_BLOCKS
+
+    params = [
+        "conv.weight",
+        *(f"bn.{p}" for p in ("weight", "bias", "running_mean", "running_var")),
+    ]
+    names = [f"conv1.{p}" for p in params]
+    for layer, blocks in enumerate(LAYER_BLOCKS, 1):
+        for block in range(blocks):
+            for index in range(3):
+                names += [f"layer{layer}.{block}.conv.{index}.{p}" for p in params]
+    mapped = {}
+    for name in names:
+        converted, _ = convert_mmdet_backbone("mobilenet_v2", {name: torch.empty(0)})
+        if converted:
+            (ours,) = converted
+            mapped[name] = state[ours]
+    return mapped
+
+
+def test_mmdetection_named_mobilenet_v2_loads_from_its_mmcls_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        backbone="mobilenet_v2", backbone_init="open-mmlab://mmdet/mobilenet_v2",
+        fpn_channels=64, head_channels=64,
+    )  # fmt: skip
+    state = torchvision.models.mobilenet_v2(weights=None).state_dict()
+    mmcls = {f"backbone.{k}": v for k, v in mmcls_mobilenet_v2(state).items()}
+    mmcls["backbone.conv2.conv.weight"] = torch.zeros(1280, 320, 1, 1)  # classifier only
+    mmcls["head.fc.weight"] = torch.zeros(1000, 1280)
+    path = tmp_path / "mobilenet_v2_batch256_imagenet-ff34753d.pth"
+    torch.save({"meta": {"epoch": 1}, "state_dict": mmcls}, path)
+    backbone = build_detector(spec, backbone_weights=path).backbone
+    ours = backbone.state_dict()
+    loaded = [k for k, v in state.items() if k in ours and "num_batches" not in k]
+    assert len(loaded) > 100
+    assert all(torch.equal(ours[k], state[k]) for k in loaded)
