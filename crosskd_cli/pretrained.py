@@ -108,12 +108,15 @@ def cache_path(source: PretrainedFile) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / source.file
 
 
-def resolve(spec: ModelSpec, given: Path | None, download: bool) -> Path | None:
+def resolve(
+    spec: ModelSpec, given: Path | None, download: bool, *, file_option: bool = True
+) -> Path | None:
     """The file the backbone starts from, None for from scratch.
 
     given (--backbone-weights) wins; else the spec's `backbone_init` file in the torch hub
     cache; else, with `download`, it is fetched into that cache (checked against the hash in
-    its name). Without any, ModelError names the file, the cache path and both options.
+    its name). Without any, ModelError names the file, the cache path and both options
+    (--backbone-weights only where the command has it: `file_option`).
     """
     check_init(spec)
     if given is not None:
@@ -133,9 +136,10 @@ def resolve(spec: ModelSpec, given: Path | None, download: bool) -> Path | None:
         raise ModelError(
             f"The {spec.backbone} backbone starts from ImageNet weights "
             f"({spec.backbone_init}): {source.file} is not in {path.parent}.",
-            hint=f"Place {source.url} at {path}, pass --backbone-weights FILE, or add "
-            "--download-weights to fetch it; --set model.backbone_init=scratch trains the "
-            "backbone from scratch.",
+            hint=f"Place {source.url} at {path}"
+            + (", pass --backbone-weights FILE," if file_option else "")
+            + " or add --download-weights to fetch it; --set model.backbone_init=scratch "
+            "trains the backbone from scratch.",
         )
     return _download(source, path)
 

@@ -13,6 +13,7 @@ from crosskd_cli.checkpoint import read_meta
 from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource
 from crosskd_cli.jobs import distill_student, train_detector
+from crosskd_cli.pretrained import resolve
 from crosskd_cli.runs import RunDir, choose_run_dir, write_json
 from crosskd_cli.teachers import teacher_cache_dir
 
@@ -46,7 +47,7 @@ def cached_teacher(pair: Preset, data: DataSource, overrides: list[str], console
         data,
         run,
         resume=resume,
-        backbone_weights=None,
+        backbone_weights=resolve(preset.model, None, download=False),
         console=console,
         resume_hint="crosskd quickstart (resumes the teacher where it stopped)",
     )
@@ -78,7 +79,7 @@ def student(
         teacher,
         resume=run.has_state(),
         student_weights=None,
-        backbone_weights=None,
+        backbone_weights=resolve(preset.model, None, download=False),
         eval_teacher=False,
         console=console,
         resume_hint=f"crosskd quickstart --out {root} (resumes where it stopped)",

@@ -232,3 +232,16 @@ def test_mmdetection_named_mobilenet_v2_loads_from_its_mmcls_checkpoint(tmp_path
     loaded = [k for k, v in state.items() if k in ours and "num_batches" not in k]
     assert len(loaded) > 100
     assert all(torch.equal(ours[k], state[k]) for k in loaded)
+
+
+def test_quickstart_on_a_paper_pair_asks_for_its_imagenet_files_before_any_data(
+    torch_home, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CROSSKD_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(
+        app, ["quickstart", "--preset", "gfl-r50-to-r18", "--data", DATA, "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert str(torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in result.output
+    assert "--download-weights" in result.output and "--backbone-weights" not in result.output
+    assert not (tmp_path / "cache").exists()

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from crosskd_cli.commands._common import data_source
-from crosskd_cli.commands._options import DataOpt, SetOpt
+from crosskd_cli.commands._options import DataOpt, DownloadWeightsOpt, SetOpt
 from crosskd_cli.config import load_preset
 from crosskd_cli.errors import RunError
 
@@ -25,6 +25,7 @@ def quickstart(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder of the two student runs and summary.json.")
     ] = Path("runs/quickstart"),
+    download_weights: DownloadWeightsOpt = False,
 ) -> None:
     """Run the whole CrossKD story on the built-in data in about ten minutes on a laptop CPU.
 
@@ -35,6 +36,7 @@ def quickstart(
     Example: crosskd quickstart
     """
     from crosskd_cli.metrics import comparison_table
+    from crosskd_cli.pretrained import resolve
     from crosskd_cli.quickstart import run_quickstart
 
     pair = load_preset(preset, list(overrides or []))
@@ -43,6 +45,9 @@ def quickstart(
             f"Preset '{preset}' is not a teacher/student pair.",
             hint="Use a pair preset such as shapes-gfl-r34-to-r18.",
         )
+    # a paper pair's ImageNet backbone files, found (or fetched) before any data is read
+    for model in (load_preset(pair.teacher.preset, list(overrides or [])).model, pair.model):
+        resolve(model, None, download_weights, file_option=False)
     source = data_source(data, pair, None, None, None, None)
     rows = run_quickstart(pair, source, out, list(overrides or []), console)
     console.print(
