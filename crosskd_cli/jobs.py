@@ -200,7 +200,11 @@ def train_detector(
     splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     trainer = Trainer(make_accelerator(preset.train, run), preset.train, run, console, resume_hint)
-    model = build_detector(spec, backbone_weights=None if resume else backbone_weights)
+    # on resume the state holds the weights, but the frozen stages must be those of the run
+    pretrained = backbone_weights is not None
+    model = build_detector(
+        spec, backbone_weights=None if resume else backbone_weights, pretrained=pretrained
+    )
     criterion = build_criterion(spec)
     reduce_mean = trainer.reduce_mean
 
@@ -232,9 +236,12 @@ def measure_teacher(
 
 
 def build_student(
-    spec: ModelSpec, student_weights: Path | None, backbone_weights: Path | None
+    spec: ModelSpec,
+    student_weights: Path | None,
+    backbone_weights: Path | None,
+    pretrained: bool | None = None,
 ) -> Detector:
-    student = build_detector(spec, backbone_weights=backbone_weights)
+    student = build_detector(spec, backbone_weights=backbone_weights, pretrained=pretrained)
     if student_weights is not None:
         state_dict, _ = load_checkpoint(student_weights)
         load_state_into(student, state_dict, source=str(student_weights))
@@ -285,7 +292,7 @@ def distill_student(
     if eval_teacher:
         teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
     initial = (None, None) if resume else (student_weights, backbone_weights)
-    student = build_student(spec, *initial)
+    student = build_student(spec, *initial, pretrained=backbone_weights is not None)
     distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
     model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {

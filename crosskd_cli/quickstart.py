@@ -14,6 +14,7 @@ from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource
 from crosskd_cli.errors import RunError
 from crosskd_cli.jobs import distill_student, train_detector
+from crosskd_cli.pretrained import resolve
 from crosskd_cli.run_record import differences, read_run_preset
 from crosskd_cli.runs import RunDir, clear_run_dir, lock_run, write_json
 from crosskd_cli.teachers import teacher_cache_dir
@@ -53,7 +54,7 @@ def cached_teacher(
             data,
             run,
             resume=resume,
-            backbone_weights=None,
+            backbone_weights=resolve(preset.model, None, download=False),
             console=console,
             resume_hint=resume_hint,
         )
@@ -85,7 +86,7 @@ def student(
             teacher,
             resume=run.has_state(),
             student_weights=None,
-            backbone_weights=None,
+            backbone_weights=resolve(preset.model, None, download=False),
             eval_teacher=False,
             console=console,
             resume_hint=resume_hint,

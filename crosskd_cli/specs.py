@@ -44,6 +44,10 @@ class ModelSpec:
     # False: BN weight and bias frozen too (MMDetection's caffe configs, BN requires_grad=False);
     # applied only with pretrained backbone weights
     norm_affine_trainable: bool = True
+    # where the backbone starts: "scratch", or an ImageNet file's URI as MMDetection's configs
+    # name it (torchvision://resnet50, ...: crosskd_cli.pretrained.BACKBONE_INITS); looked up
+    # only when a run trains the backbone, never when a checkpoint is rebuilt
+    backbone_init: Annotated[str, Registry("crosskd_cli.pretrained", "BACKBONE_INITS")] = "scratch"
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # in the channel order below
     pixel_std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     to_bgr: bool = False  # caffe-style backbones read BGR

@@ -123,6 +123,7 @@ def test_set_overrides_are_parsed_as_yaml_scalars():
             "data.scale=[640, 480]",
             "train.grad_clip=35",
             "model.backbone=resnet18",
+            "model.backbone_init=torchvision://resnet18",  # the ImageNet file fits the backbone
         ],
     )
     assert preset.train.epochs == 3

@@ -70,8 +70,16 @@ BackboneWeightsOpt = Annotated[
     Path | None,
     typer.Option(
         "--backbone-weights",
-        help="A local torchvision ImageNet state dict (.pth) to start the backbone from; "
-        "without it the backbone trains from scratch.",
+        help="A local ImageNet state dict (.pth) to start the backbone from, instead of the "
+        "preset's backbone_init file (looked for in the torch hub cache).",
+    ),
+]
+DownloadWeightsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download-weights",
+        help="Download the preset's ImageNet backbone file into the torch hub cache when it "
+        "is not there yet (otherwise the run stops and says where to place it).",
     ),
 ]
 SkipBadImagesOpt = Annotated[

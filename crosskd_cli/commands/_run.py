@@ -51,6 +51,7 @@ class RunRequest(NamedTuple):
     teacher: Path | None = None
     backbone_weights: Path | None = None
     student_weights: Path | None = None
+    download_weights: bool = False  # fetch the backbone's ImageNet file if it is not cached
 
 
 class RunInputs(NamedTuple):
@@ -98,6 +99,10 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
     spec = load_preset(request.preset, request.settings)
     quiet_unless_main(console)
     with claimed_run(request, spec.name) as run:
+        from crosskd_cli.pretrained import resolve
+
+        with main_process_first():  # the backbone's ImageNet file, found or fetched once
+            weights = resolve(spec.model, request.backbone_weights, request.download_weights)
         with main_process_first():  # generates built-in data once, for every process
             data, *split_paths = request.paths
             source = data_source(data, spec, *split_paths)
@@ -112,7 +117,7 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
             run,
             resume_command(request.command, run),
             teacher,
-            request.backbone_weights,
+            weights,
             request.student_weights,
         )
 

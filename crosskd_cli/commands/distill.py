@@ -11,6 +11,7 @@ from rich.console import Console
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
+    DownloadWeightsOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -77,6 +78,7 @@ def distill(
         typer.Option("--student-weights", help="Start the student from a crosskd checkpoint."),
     ] = None,
     backbone_weights: BackboneWeightsOpt = None,
+    download_weights: DownloadWeightsOpt = False,
     train_ann: TrainAnnOpt = None,
     train_images: TrainImagesOpt = None,
     val_ann: ValAnnOpt = None,
@@ -117,11 +119,12 @@ def distill(
         overwrite=overwrite,
         teacher=teacher,
         backbone_weights=backbone_weights,
+        download_weights=download_weights,
         student_weights=student_weights,
     )
     with started_run(console, request) as inputs:
         spec, run = inputs.preset, inputs.run
-        _print_banner(spec, inputs.source.spec, inputs.teacher, run.root)
+        _print_banner(spec, inputs.source.spec, inputs.teacher, run.root, inputs.backbone_weights)
         state = distill_student(
             spec,
             inputs.source,
@@ -137,14 +140,15 @@ def distill(
     print_run_summary(console, run, state)
 
 
-def _print_banner(spec: Preset, data: str, teacher: Path, root: Path) -> None:
+def _print_banner(spec: Preset, data: str, teacher: Path, root: Path, weights: Path | None) -> None:
     from crosskd_cli.inspection import cross_branch_reuse
     from crosskd_cli.kd_terms import method_terms
+    from crosskd_cli.pretrained import describe
 
     cfg = spec.distill
     console.print(
         f"[bold]crosskd distill[/] [cyan]{spec.name}[/]: teacher {teacher} -> student "
-        f"{spec.model.backbone}; method [bold]{cfg.method}[/], cross index "
+        f"{spec.model.backbone} ({describe(weights)}); method [bold]{cfg.method}[/], cross index "
         f"[bold]{cfg.cross_index}[/] on [cyan]{data}[/] -> {root}"
     )
     if any(term.needs_taps for term in method_terms(cfg.method)):

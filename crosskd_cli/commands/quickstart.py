@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from crosskd_cli.commands._common import data_source
-from crosskd_cli.commands._options import DataOpt, SetOpt
+from crosskd_cli.commands._options import DataOpt, DownloadWeightsOpt, SetOpt
 from crosskd_cli.config import load_preset
 from crosskd_cli.errors import RunError
 
@@ -26,6 +26,7 @@ def quickstart(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder of the two student runs and summary.json.")
     ] = Path("runs/quickstart"),
+    download_weights: DownloadWeightsOpt = False,
 ) -> None:
     """Run the whole CrossKD story on the built-in data in about ten minutes on a laptop CPU.
 
@@ -36,6 +37,7 @@ def quickstart(
     Example: crosskd quickstart
     """
     from crosskd_cli.metrics import comparison_table
+    from crosskd_cli.pretrained import resolve
     from crosskd_cli.quickstart import run_quickstart
     from crosskd_cli.runs import check_folder
 
@@ -46,6 +48,9 @@ def quickstart(
             hint="Use a pair preset such as shapes-gfl-r34-to-r18.",
         )
     check_folder(out)
+    # a paper pair's ImageNet backbone files, found (or fetched) before any data is read
+    for model in (load_preset(pair.teacher.preset, list(overrides or [])).model, pair.model):
+        resolve(model, None, download_weights, file_option=False)
     source = data_source(data, pair, None, None, None, None)
     hint = quickstart_command(preset, data, list(overrides or []), out)
     rows = run_quickstart(pair, source, out, list(overrides or []), console, hint)

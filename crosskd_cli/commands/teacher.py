@@ -14,6 +14,7 @@ from crosskd_cli.commands._common import data_source, refuse_to_clobber
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
+    DownloadWeightsOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -50,6 +51,7 @@ def train(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     backbone_weights: BackboneWeightsOpt = None,
+    download_weights: DownloadWeightsOpt = False,
     skip_bad_images: SkipBadImagesOpt = False,
 ) -> None:
     """Train a teacher detector from a preset; or `crosskd teacher import FILE` to convert one.
@@ -64,6 +66,7 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     from crosskd_cli.jobs import train_detector
+    from crosskd_cli.pretrained import describe
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
     request = RunRequest(
@@ -76,12 +79,14 @@ def train(
         resume=resume,
         overwrite=overwrite,
         backbone_weights=backbone_weights,
+        download_weights=download_weights,
     )
     with started_run(console, request) as inputs:
         spec, run = inputs.preset, inputs.run
         console.print(
             f"[bold]crosskd teacher[/] preset [cyan]{spec.name}[/] ({spec.model.backbone} "
-            f"{spec.model.family}) on [cyan]{inputs.source.spec}[/] -> {run.root}"
+            f"{spec.model.family}, {describe(inputs.backbone_weights)}) on "
+            f"[cyan]{inputs.source.spec}[/] -> {run.root}"
         )
         state = train_detector(
             spec,

@@ -172,7 +172,7 @@ resnet50_caffe = _resnet_factory("resnet50", style="caffe")
 resnet101_caffe = _resnet_factory("resnet101", style="caffe")
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
+def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     """Read a raw state dict or {"state_dict": ...} without unpickling arbitrary objects."""
     if not path.is_file():
         raise ModelError(
@@ -207,7 +207,7 @@ def _name_some(keys: list[str]) -> str:
     return shown + (", ..." if len(keys) > _SHOWN_KEYS else "")
 
 
-def _mismatch_report(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> list[str]:
+def mismatch_report(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> list[str]:
     """One phrase per kind of mismatch (missing, unexpected, misshapen), empty when all fit."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -236,13 +236,13 @@ def load_torchvision_weights(backbone: Backbone, path: str | Path) -> None:
     """
     path = Path(path)
     ignored = backbone.torchvision_ignored
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(ignored)}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ignored)}
     expected = {
         k: v
         for k, v in backbone.state_dict().items()
         if not k.startswith(backbone.torchvision_absent)
     }
-    report = _mismatch_report(state, expected)
+    report = mismatch_report(state, expected)
     if report:
         arch = backbone.torchvision_arch
         raise ModelError(

@@ -12,10 +12,11 @@ from torch import nn
 from crosskd_cli.errors import ModelError
 from crosskd_cli.families import get_family
 from crosskd_cli.models import backbones, mobilenet, swin
-from crosskd_cli.models.backbones import Backbone, load_torchvision_weights
+from crosskd_cli.models.backbones import Backbone
 from crosskd_cli.models.dense_head import DenseHead
 from crosskd_cli.models.detector import Detector
 from crosskd_cli.models.fpn import FPN
+from crosskd_cli.pretrained import check_init, load_backbone_weights
 from crosskd_cli.specs import ModelSpec
 
 T = TypeVar("T")
@@ -78,6 +79,7 @@ def check_spec(spec: ModelSpec) -> None:
             hint="Use (8, 16, 32, 64, 128) (P3-P7), or a prefix of at least (8, 16, 32).",
         )
     get_family(spec.family).criterion.check_spec(spec)
+    check_init(spec)
     # A spec built in code skips the schema's ranges (crosskd_cli.specs); the list length has
     # no schema range: a checkpoint's metadata listing 10^6 ratios must not allocate the head.
     for name, value, low, high in (
@@ -93,23 +95,32 @@ def check_spec(spec: ModelSpec) -> None:
             raise ModelError(f"{name}={value} is too large.", hint=f"Use a value <= {high}.")
 
 
-def build_detector(spec: ModelSpec, backbone_weights: str | Path | None = None) -> Detector:
+def build_detector(
+    spec: ModelSpec, backbone_weights: str | Path | None = None, *, pretrained: bool | None = None
+) -> Detector:
     """Build the detector `spec` describes, with randomly initialised weights.
 
-    backbone_weights: a local torchvision state dict of the spec's backbone (ResNet,
-    MobileNetV2, Swin-T). Only then are `spec.frozen_stages`, `spec.norm_eval` and
-    `spec.norm_affine_trainable` applied: a backbone trained from scratch must train every
-    stage and its BN. Works under `with torch.device("meta"):` for shape inspection.
+    backbone_weights: a local ImageNet state dict of the spec's backbone (ResNet,
+    MobileNetV2, Swin-T), read in the layout of `spec.backbone_init` (torchvision's when that
+    is `scratch`); `crosskd_cli.pretrained.resolve` finds it. Never looked up here: without it
+    the backbone is random, as a model rebuilt from a checkpoint must be. Only with it are
+    `spec.frozen_stages`, `spec.norm_eval` and `spec.norm_affine_trainable` applied: a backbone
+    trained from scratch must train every stage and its BN. Works under
+    `with torch.device("meta"):` for shape inspection. `pretrained=True` without a file builds
+    the pretrained structure (frozen stages, BN in eval mode) for weights that come from
+    elsewhere: a resumed run's saved state.
     """
     check_spec(spec)
     make_backbone = lookup(BACKBONES, spec.backbone, "backbone")
-    pretrained = backbone_weights is not None
+    if pretrained is None:
+        pretrained = backbone_weights is not None
     backbone = make_backbone(
         frozen_stages=spec.frozen_stages if pretrained else -1,
         norm_eval=spec.norm_eval and pretrained,
     )
+    if backbone_weights is not None:
+        load_backbone_weights(backbone, Path(backbone_weights), spec.backbone_init)
     if pretrained:
-        load_torchvision_weights(backbone, backbone_weights)
         if not spec.norm_affine_trainable:  # MMDetection's BN requires_grad=False
             for module in backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
