@@ -130,8 +130,8 @@ def test_teacher_loads_freezes_and_trains_from_the_cached_file_and_eval_needs_no
     path, saved = cached_r18
     built = []
 
-    def spy(spec, backbone_weights=None):
-        built.append(build_detector(spec, backbone_weights=backbone_weights))
+    def spy(spec, backbone_weights=None, **options):
+        built.append(build_detector(spec, backbone_weights=backbone_weights, **options))
         return built[-1]
 
     monkeypatch.setattr(jobs, "build_detector", spy)

@@ -16,7 +16,6 @@ from crosskd_cli.models.backbones import Backbone
 from crosskd_cli.models.dense_head import DenseHead
 from crosskd_cli.models.detector import Detector
 from crosskd_cli.models.fpn import FPN
-from crosskd_cli.pretrained import check_init, load_backbone_weights
 from crosskd_cli.specs import ModelSpec
 
 T = TypeVar("T")
@@ -79,6 +78,9 @@ def check_spec(spec: ModelSpec) -> None:
             hint="Use (8, 16, 32, 64, 128) (P3-P7), or a prefix of at least (8, 16, 32).",
         )
     get_family(spec.family).criterion.check_spec(spec)
+    # pretrained imports models.backbones: importing it at the top would be a cycle
+    from crosskd_cli.pretrained import check_init
+
     check_init(spec)
     # A spec built in code skips the schema's ranges (crosskd_cli.specs); the list length has
     # no schema range: a checkpoint's metadata listing 10^6 ratios must not allocate the head.
@@ -119,6 +121,8 @@ def build_detector(
         norm_eval=spec.norm_eval and pretrained,
     )
     if backbone_weights is not None:
+        from crosskd_cli.pretrained import load_backbone_weights
+
         load_backbone_weights(backbone, Path(backbone_weights), spec.backbone_init)
     if pretrained:
         if not spec.norm_affine_trainable:  # MMDetection's BN requires_grad=False
