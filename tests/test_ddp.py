@@ -97,3 +97,43 @@ def test_fcos_distills_as_two_gloo_processes(tmp_path):
     meta = read_meta(student / "best.safetensors")
     assert meta.training["processes"] == 2 and meta.model.family == "fcos"
     assert "kd_cross_box" in (student / "results.csv").read_text().splitlines()[0]
+
+
+SIGTERM_ONE_RANK = """
+import os, signal, sys
+from crosskd_cli import engine
+
+if os.environ.get("RANK") == "1":  # the scheduler's signal reaches one process only
+    check, seen = engine.NonFiniteGuard.check, {"steps": 0}
+
+    def counting(self, losses, norm):
+        seen["steps"] += 1
+        if seen["steps"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return check(self, losses, norm)
+
+    engine.NonFiniteGuard.check = counting
+from crosskd_cli.cli import app
+app(sys.argv[1:], prog_name="crosskd")
+"""
+
+
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGTERM_ONE_RANK)
+    run = tmp_path / "run"
+    args = ["teacher", "--preset", "shapes-gfl-r18", *TINY, "--set", "train.max_iters=6",
+            "--set", "train.log_interval=1", "--out", str(run)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver),
+               *args]  # fmt: skip
+    log = tmp_path / "stop.log"
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+    output = log.read_text()
+    assert code != 0 and "Stopped by SIGTERM at epoch 1, iteration 2" in output, output[-3000:]
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["iteration"] == 2
+    assert (run / "last" / "random_states_1.pkl").is_file()  # both ranks saved at that step
+    code, output = torchrun(tmp_path / "resume.log", "teacher", "--resume", "--out", str(run))
+    assert code == 0, output[-3000:]
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["iteration"] == 6

@@ -8,6 +8,7 @@ SIGKILL just before a given file-system step of a state save (`state_dir.on_step
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import signal
@@ -201,3 +202,39 @@ def test_a_diverging_run_skips_its_nan_steps_then_stops_naming_the_term(tmp_path
     assert "Error: Training diverged:" in done.stderr and "loss_" in done.stderr
     assert "were skipped" in done.stderr and "Traceback" not in done.stderr
     assert not (out / "last.safetensors").exists()  # no checkpoint of NaN weights
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+    from typer.testing import CliRunner
+
+    from crosskd_cli.cli import app
+
+    calls = {"saves": 0}
+    save_state = Accelerator.save_state
+
+    def full_disk_on_second_save(self, output_dir=None, **kwargs):
+        calls["saves"] += 1
+        if calls["saves"] == 2:
+            Path(output_dir, "model.safetensors").write_bytes(b"half written")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk_on_second_save)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["teacher", "--preset", "shapes-gfl-r18", *TINY, "--set", "data.num_workers=0",
+         "--out", str(out)],
+        env={"COLUMNS": "300"},
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())  # rich wraps the long paths
+    assert "No space left on device" in said and "Traceback" not in said
+    assert f"The previous state in {out / 'last'} is kept (iteration 6)" in said
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["iteration"] == 6
+    assert not (out / "last.tmp").exists()
+    resumed = teacher_run(out, "--set", "data.num_workers=0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr  # and the kept state resumes
