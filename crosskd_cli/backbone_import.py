@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from crosskd_cli.models.build import lookup
+from crosskd_cli.errors import lookup
 from crosskd_cli.models.mobilenet import LAYER_BLOCKS
 
 Rule = Callable[[str, Tensor], tuple[str, Tensor] | None]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class CrossKDError(Exception):
     """A user-facing error: what was wrong (naming the bad value) and what to do next."""
@@ -59,3 +64,15 @@ class Interrupted(CrossKDError):
     def __init__(self, message: str, hint: str | None = None, exit_code: int = 130) -> None:
         super().__init__(message, hint)
         self.exit_code = exit_code
+
+
+def lookup(table: dict[str, T], name: str, what: str) -> T:
+    """table[name] of a name table (backbones, head families), or a ModelError listing the
+    valid names with the closest one."""
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=1)
+    raise ModelError(
+        f"Unknown {what} '{name}'." + (f" Did you mean '{close[0]}'?" if close else ""),
+        hint=f"Valid {what} names: {', '.join(table)}.",
+    )

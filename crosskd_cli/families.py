@@ -10,7 +10,6 @@ for its predictors. Adding a family is a criterion module plus one record below
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from crosskd_cli.criteria import (
     GFLCriterion,
     RetinaNetCriterion,
 )
-from crosskd_cli.errors import ModelError
+from crosskd_cli.errors import lookup
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.targets import AnchorGrid, anchor_grid, point_grid
 
@@ -104,13 +103,7 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(name: str) -> Family:
     """FAMILIES[name], or one clear error listing the known families with the closest one."""
-    if name in FAMILIES:
-        return FAMILIES[name]
-    close = difflib.get_close_matches(name, list(FAMILIES), n=1)
-    raise ModelError(
-        f"Unknown head family '{name}'." + (f" Did you mean '{close[0]}'?" if close else ""),
-        hint=f"Valid head family names: {', '.join(FAMILIES)}.",
-    )
+    return lookup(FAMILIES, name, "head family")
 
 
 def build_criterion(spec: ModelSpec) -> DenseCriterion:

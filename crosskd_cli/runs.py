@@ -310,12 +310,7 @@ def append_results(run: RunDir, row: dict[str, Any]) -> None:
     header: list[str] = []
     for r in rows:
         header += [k for k in r if k not in header]
-    tmp = run.results.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, run.results)
+    _write_results(run, header, rows)
 
 
 def keep_results_until(run: RunDir, epoch: int) -> None:
@@ -327,13 +322,17 @@ def keep_results_until(run: RunDir, epoch: int) -> None:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames or [], list(reader)
     kept = [r for r in rows if int(r.get("epoch") or 0) <= epoch]
-    if len(kept) == len(rows):
-        return
+    if len(kept) != len(rows):
+        _write_results(run, list(header), kept)
+
+
+def _write_results(run: RunDir, header: list[str], rows: list[dict[str, Any]]) -> None:
+    """results.csv replaced whole, through a temporary file: never half a table."""
     tmp = run.results.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
-        writer.writerows(kept)
+        writer.writerows(rows)
     os.replace(tmp, run.results)
 
 

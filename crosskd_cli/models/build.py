@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from torch import nn
 
-from crosskd_cli.errors import ModelError
+from crosskd_cli.errors import ModelError, lookup
 from crosskd_cli.families import get_family
 from crosskd_cli.models import backbones, mobilenet, swin
 from crosskd_cli.models.backbones import Backbone
@@ -18,7 +16,6 @@ from crosskd_cli.models.detector import Detector
 from crosskd_cli.models.fpn import FPN
 from crosskd_cli.specs import ModelSpec
 
-T = TypeVar("T")
 MAX_ANCHOR_RATIOS = 16  # RetinaNet uses 3
 
 # name -> factory(frozen_stages, norm_eval)
@@ -48,17 +45,6 @@ def build_head(spec: ModelSpec) -> DenseHead:
         box_channels=family.box_coder(spec).box_channels,
         num_anchors=family.priors(spec).per_location,
         **family.head_options,
-    )
-
-
-def lookup(table: dict[str, T], name: str, what: str) -> T:
-    """table[name], or a ModelError listing the valid names with the closest one."""
-    if name in table:
-        return table[name]
-    close = difflib.get_close_matches(name, list(table), n=1)
-    raise ModelError(
-        f"Unknown {what} '{name}'." + (f" Did you mean '{close[0]}'?" if close else ""),
-        hint=f"Valid {what} names: {', '.join(table)}.",
     )
 
 
