@@ -46,6 +46,12 @@ class DataConfig:
     # Multi-scale training: each training image's short-side limit drawn from [low, high]
     # (the long-side limit stays scale's), e.g. [480, 800]; None = the single `scale`
     train_short_sides: tuple[Side, Side] | None = None
+    # How the short side is drawn from train_short_sides: range = any integer in [low, high]
+    # (MMDetection's RandomResize); choice = low or high (RandomChoiceResize: FCOS ms-640-800)
+    multiscale: Literal["range", "choice"] = "range"
+    # Batch training images of one orientation (landscape or portrait), as MMDetection's
+    # AspectRatioBatchSampler: less padding, so less memory and time per step
+    group_by_aspect_ratio: bool = True
     num_workers: Index = 2  # DataLoader worker processes
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
 

@@ -161,6 +161,8 @@ def run_job(
         num_workers=preset.data.num_workers,
         seed=preset.train.seed,
         drop_last=True,
+        portrait=splits.train.portrait() if preset.data.group_by_aspect_ratio else None,
+        pin_memory=acc.device.type == "cuda",  # page-locked batches copy to the GPU faster
     )
 
     def record() -> None:  # on resume too (a longer schedule, a teacher that moved), once loaded

@@ -268,6 +268,7 @@ class CocoDetection(Dataset):
         flip_prob: float = 0.5,
         skip_bad_images: bool = False,
         short_sides: tuple[int, int] | None = None,
+        multiscale: str = "range",
         classes: ClassList | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
@@ -290,7 +291,7 @@ class CocoDetection(Dataset):
         self.train = train
         self.scale = scale
         self.skip_bad_images = skip_bad_images
-        self.transforms = build_transforms(train, scale, flip_prob, short_sides)
+        self.transforms = build_transforms(train, scale, flip_prob, short_sides, multiscale)
         # (seed, epoch) of the random augmentation, in shared memory so that persistent
         # DataLoader workers see each new epoch (see `set_epoch`)
         self._augment_key = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -369,6 +370,12 @@ class CocoDetection(Dataset):
         return [
             keep_ratio_size(imgs[i]["height"], imgs[i]["width"], self.scale) for i in self.image_ids
         ]
+
+    def portrait(self) -> list[bool]:
+        """Whether each image is taller than wide, by the json's sizes: what training batches
+        are grouped by (`AspectRatioBatches`)."""
+        imgs = self.coco.imgs
+        return [imgs[i]["width"] < imgs[i]["height"] for i in self.image_ids]
 
     def _check_files_exist(self) -> None:
         folder = str(self.image_dir)

@@ -13,7 +13,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from crosskd_cli.data.failures import FailedSample
 from crosskd_cli.structures import Batch, Target
@@ -102,6 +109,45 @@ class SameShapeBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+class AspectRatioBatches(BatchSampler):
+    """Training batches of one orientation: MMDetection's `AspectRatioBatchSampler`.
+
+    Indices from `sampler` go to one of two buckets (portrait: width < height; landscape
+    otherwise) and a bucket yields a batch when it holds `batch_size`; at the end the two
+    remainders are joined and cut into batches (only those may mix orientations). A batch of
+    one orientation pads far less than a mixed one (a 1333x800 beside an 800x1333 pads both to
+    1344x1344). With one orientation only, the batches are exactly `BatchSampler`'s, and with
+    `drop_last` there are len(sampler) // batch_size of them either way.
+
+    A `BatchSampler` whose `sampler` Accelerate may swap for its seedable one, and whose
+    batches its `BatchSamplerShard` deals out to the processes.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        portrait: Sequence[bool],
+        batch_size: int,
+        drop_last: bool,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.portrait = list(portrait)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buckets: tuple[list[int], list[int]] = ([], [])
+        for index in self.sampler:
+            bucket = buckets[self.portrait[index]]
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+        rest = buckets[0] + buckets[1]
+        for start in range(0, len(rest), self.batch_size):
+            batch = rest[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -110,18 +156,34 @@ def build_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool = False,
+    portrait: Sequence[bool] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader of `Batch`es whose order (and worker seeds) depend only on `seed`: the
-    shuffle draws from its own generator, never from torch's global RNG."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+    shuffle draws from its own generator, never from torch's global RNG.
+
+    portrait: every image's orientation (`CocoDetection.portrait`): batches then hold one
+    orientation (`AspectRatioBatches`). pin_memory: page-locked batches, for a GPU."""
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(
         num_workers=num_workers,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=drop_last,
+        generator=generator,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+    if portrait is None:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common
+        )
+    # What DataLoader(shuffle=...) builds, with the grouping batch sampler in place of its own
+    sampler: Sampler[int] = (
+        RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=AspectRatioBatches(sampler, portrait, batch_size, drop_last),
+        **common,
     )
 
 

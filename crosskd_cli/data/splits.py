@@ -59,6 +59,7 @@ def load_splits(cfg: DataConfig, data: DataSource) -> DataSplits:
         flip_prob=cfg.flip_prob,
         skip_bad_images=cfg.skip_bad_images,
         short_sides=cfg.train_short_sides,
+        multiscale=cfg.multiscale,
     )
     val = CocoDetection(
         data.val_ann,

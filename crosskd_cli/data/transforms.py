@@ -32,21 +32,33 @@ class KeepRatioResize(v2.Transform):
 
     Bilinear without antialiasing, like the OpenCV resize MMDetection uses. The only transform
     at test time, so train-time evaluation and `crosskd eval` resize identically. With
-    `short_sides` = (lo, hi) the short-side limit is drawn per image from lo..hi (torch's RNG)
-    while the long-side limit stays scale's: MMDetection's multi-scale `RandomResize`.
+    `short_sides` = (lo, hi) the short-side limit is drawn per image (torch's RNG) while the
+    long-side limit stays scale's: any integer in lo..hi with `multiscale="range"`
+    (MMDetection's `RandomResize`), lo or hi with `multiscale="choice"` (`RandomChoiceResize`
+    of two scales, MMDetection's FCOS ms-640-800 recipe).
     """
 
-    def __init__(self, scale: tuple[int, int], short_sides: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        scale: tuple[int, int],
+        short_sides: tuple[int, int] | None = None,
+        multiscale: str = "range",
+    ) -> None:
         super().__init__()
         self.scale = scale
         self.short_sides = short_sides
+        self.multiscale = multiscale
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
         scale = self.scale
         if self.short_sides is not None:
             low, high = self.short_sides
-            scale = (max(scale), int(torch.randint(low, high + 1, ()).item()))
+            if self.multiscale == "choice":
+                short = (low, high)[int(torch.randint(0, 2, ()).item())]
+            else:
+                short = int(torch.randint(low, high + 1, ()).item())
+            scale = (max(scale), short)
         return {"size": list(keep_ratio_size(height, width, scale))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -58,8 +70,10 @@ def build_transforms(
     scale: tuple[int, int],
     flip_prob: float = 0.5,
     short_sides: tuple[int, int] | None = None,
+    multiscale: str = "range",
 ) -> v2.Compose:
-    """Resize (multi-scale over `short_sides` when training and given), flip with probability
+    """Resize (multi-scale over `short_sides`, as `multiscale` says, when training and
+    given), flip with probability
     `flip_prob` when training (both drawn from torch's RNG), then clamp boxes to the image and
     drop those that became degenerate."""
     if short_sides is not None and not 0 < short_sides[0] <= short_sides[1]:
@@ -68,7 +82,7 @@ def build_transforms(
             hint="Give [low, high] with 0 < low <= high, e.g. --set data.train_short_sides="
             "[640,800].",
         )
-    steps: list[v2.Transform] = [KeepRatioResize(scale, short_sides if train else None)]
+    steps: list[v2.Transform] = [KeepRatioResize(scale, short_sides if train else None, multiscale)]
     if train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
     steps += [
