@@ -30,6 +30,7 @@ RESULT_NEUTRAL = {
     "data.num_workers": "every sample's augmentation is keyed by (seed, epoch, index) alone",
     "data.skip_bad_images": "a bad image stops the run without it, and is replaced with it",
     "train.log_interval": "when losses are synced for the log",
+    "train.log_with": "which trackers also receive the log",
     "train.state_interval": "when the resumable state is saved",
     "train.max_nonfinite_steps": "the patience of a diverging run",
 }
@@ -113,10 +114,15 @@ def read_record(run: RunDir) -> RunRecord:
     return parse(RunRecord, raw, where=str(run.config), policy=RECORD)
 
 
+# Settings added since 0.2.0 whose default differs from what a run recorded before computed:
+# such a run resumes as it started
+BEFORE_RECORDED = {("data", "group_by_aspect_ratio"): "false"}
+
+
 def read_run_preset(run: RunDir, overrides: list[str] | None = None) -> Preset:
     """The run's settings (preset.yaml), with `overrides` applied."""
     if run.preset.is_file():
-        return load_preset(str(run.preset), overrides)
+        return load_preset(str(run.preset), _recorded_before(run.preset) + list(overrides or []))
     raw = _read_config(run).get("preset")  # written before preset.yaml existed
     if not isinstance(raw, dict):
         raise RunError(
@@ -124,6 +130,24 @@ def read_run_preset(run: RunDir, overrides: list[str] | None = None) -> Preset:
             hint="Restore it, or start the run again in another --out.",
         )
     return build_preset(raw, overrides, where=f"{run.config} (preset)", name=str(raw.get("name")))
+
+
+def _recorded_before(path: Path) -> list[str]:
+    """Overrides that give a run recorded before a setting existed that setting's old
+    behaviour (BEFORE_RECORDED); none for a file load_preset will refuse anyway."""
+    try:
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            return []
+        recorded = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, Unbounded):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [
+        f"{section}.{key}={value}"
+        for (section, key), value in BEFORE_RECORDED.items()
+        if isinstance(recorded.get(section, {}), dict) and key not in recorded.get(section, {})
+    ]
 
 
 def _read_config(run: RunDir) -> dict[str, Any]:
