@@ -365,7 +365,7 @@ def test_a_run_logs_every_interval_to_log_jsonl_the_console_and_a_tracker(tmp_pa
     out = tmp_path / "run"
     result = invoke(
         "teacher", "--preset", "shapes-gfl-r18", *TINY, "--set", "train.log_interval=1",
-        "--set", "train.log_with=[tensorboard]", "--out", str(out),
+        "--log-with", "tensorboard", "--out", str(out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -89,3 +89,19 @@ SkipBadImagesOpt = Annotated[
         help="Skip unreadable images (and count them) instead of stopping at the first one.",
     ),
 ]
+LogWithOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--log-with",
+        metavar="TRACKER",
+        help="Also send the interval records to an experiment tracker through Accelerate: "
+        "tensorboard, wandb, mlflow, aim, comet_ml, clearml or dvclive (its package installed, "
+        "e.g. pip install 'crosskd-cli[tensorboard]'). Repeatable. Same as --set "
+        "train.log_with=[...].",
+    ),
+]
+
+
+def log_with_setting(trackers: list[str] | None) -> list[str]:
+    """`--log-with a --log-with b` as the `--set` it stands for (none: the preset's)."""
+    return [f"train.log_with=[{','.join(trackers)}]"] if trackers else []

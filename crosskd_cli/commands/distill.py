@@ -12,6 +12,7 @@ from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
     DownloadWeightsOpt,
+    LogWithOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -22,6 +23,7 @@ from crosskd_cli.commands._options import (
     TrainImagesOpt,
     ValAnnOpt,
     ValImagesOpt,
+    log_with_setting,
 )
 from crosskd_cli.commands._run import (
     DataPaths,
@@ -88,6 +90,7 @@ def distill(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     skip_bad_images: SkipBadImagesOpt = False,
+    log_with: LogWithOpt = None,
 ) -> None:
     """Distill a student from a frozen teacher with CrossKD at a chosen cross index.
 
@@ -108,6 +111,7 @@ def distill(
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
     settings += [f"distill.method={method}"] if method is not None else []
     settings += ["data.skip_bad_images=true"] if skip_bad_images else []
+    settings += log_with_setting(log_with)
     request = RunRequest(
         "distill",
         preset,

@@ -15,6 +15,7 @@ from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
     DownloadWeightsOpt,
+    LogWithOpt,
     OutOpt,
     OverwriteOpt,
     PresetOpt,
@@ -25,6 +26,7 @@ from crosskd_cli.commands._options import (
     TrainImagesOpt,
     ValAnnOpt,
     ValImagesOpt,
+    log_with_setting,
 )
 from crosskd_cli.commands._run import (
     DataPaths,
@@ -53,6 +55,7 @@ def train(
     backbone_weights: BackboneWeightsOpt = None,
     download_weights: DownloadWeightsOpt = False,
     skip_bad_images: SkipBadImagesOpt = False,
+    log_with: LogWithOpt = None,
 ) -> None:
     """Train a teacher detector from a preset; or `crosskd teacher import FILE` to convert one.
 
@@ -69,6 +72,7 @@ def train(
     from crosskd_cli.pretrained import describe
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
+    settings += log_with_setting(log_with)
     request = RunRequest(
         "teacher",
         preset,
