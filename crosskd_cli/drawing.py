@@ -29,6 +29,12 @@ def class_color(label: int) -> tuple[int, int, int]:
     return PALETTE[label % len(PALETTE)]
 
 
+def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> Tensor:
+    """COCO [x, y, w, h] boxes (a list, as in a results json) -> (K, 4) float64 xyxy."""
+    xywh = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+
+
 def draw_detections(
     image: Tensor,
     boxes: Tensor,

@@ -18,7 +18,7 @@ from torch import Tensor
 from crosskd_cli.api import Predictor
 from crosskd_cli.checkpoint import CheckpointMeta
 from crosskd_cli.data import read_image
-from crosskd_cli.drawing import draw_detections, side_by_side, write_png
+from crosskd_cli.drawing import draw_detections, side_by_side, write_png, xywh_to_xyxy
 from crosskd_cli.errors import DataError
 from crosskd_cli.runs import write_json
 
@@ -172,8 +172,7 @@ def predict_images(
 
 def draw_results(image: Tensor, results: Sequence[dict[str, Any]], predictor: Predictor) -> Tensor:
     """`image` with the detections of its COCO results drawn: the very numbers of the JSON."""
-    xywh = torch.tensor([r["bbox"] for r in results], dtype=torch.float64).reshape(-1, 4)
-    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+    boxes = xywh_to_xyxy([r["bbox"] for r in results])
     labels = [predictor.category_ids.index(r["category_id"]) for r in results]
     scores = [r["score"] for r in results]
     return draw_detections(image, boxes, labels, predictor.class_names, scores)

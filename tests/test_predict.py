@@ -16,7 +16,7 @@ from crosskd_cli.api import Predictor
 from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
 from crosskd_cli.cli import app
 from crosskd_cli.data import read_image
-from crosskd_cli.drawing import GAP, TITLE_HEIGHT, read_png
+from crosskd_cli.drawing import GAP, TITLE_HEIGHT, draw_detections, read_png, xywh_to_xyxy
 from crosskd_cli.predicting import draw_results
 from tests.conftest import SIZES, write_image
 
@@ -160,3 +160,59 @@ def test_without_out_predict_numbers_a_fresh_folder(two_checkpoints, tmp_path, m
     for _ in range(2):
         assert invoke("predict", "--source", single, checkpoints[0]).exit_code == 0
     assert Path("runs/predict/model.json").exists() and Path("runs/predict-2/model.json").exists()
+
+
+def test_eval_save_vis_draws_ground_truth_beside_the_predictions_json(two_checkpoints, tmp_path):
+    _, checkpoints, source = two_checkpoints
+    out = tmp_path / "eval"
+    result = invoke("eval", checkpoints[0], "--save-vis", "3", "--per-class", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Drew 3 images" in result.output
+    coco = json.loads(source.val_ann.read_text())
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert sorted(p.name for p in (out / "vis").iterdir()) == ["0-1.png", "1-2.png", "2-3.png"]
+    for info in coco["images"][:3]:
+        picture = read_png(out / "vis" / f"{Path(info['file_name']).stem}-{info['id']}.png")
+        width, height = info["width"], info["height"]
+        assert picture.shape == (3, TITLE_HEIGHT + height, 2 * width + GAP)
+        image = read_image(source.val_images / info["file_name"])
+        truth = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
+        shown = [p for p in predictions if p["image_id"] == info["id"] and p["score"] >= 0.3]
+        assert shown  # the right panel shows detections
+        expected = [
+            draw_detections(
+                image,
+                xywh_to_xyxy([a["bbox"] for a in truth]),
+                [[3, 7].index(a["category_id"]) for a in truth],
+                ["cat", "dog"],
+            ),
+            draw_detections(
+                image,
+                xywh_to_xyxy([p["bbox"] for p in shown]),
+                [[3, 7].index(p["category_id"]) for p in shown],
+                ["cat", "dog"],
+                [p["score"] for p in shown],
+            ),
+        ]
+        assert torch.equal(picture[:, TITLE_HEIGHT:, :width], expected[0])
+        assert torch.equal(picture[:, TITLE_HEIGHT:, width + GAP :], expected[1])
+
+
+def test_eval_per_class_prints_and_writes_id_name_instances_and_ap(two_checkpoints, tmp_path):
+    _, checkpoints, _ = two_checkpoints
+    result = invoke("eval", checkpoints[0], "--per-class", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
+    # 13 images, one box each, alternating cat (3) and dog (7)
+    assert [(r["category_id"], r["name"], r["instances"]) for r in rows] == [
+        (3, "cat", 7),
+        (7, "dog", 6),
+    ]
+    assert all(0.0 <= r["AP"] <= r["AP50"] <= 100.0 for r in rows)
+    for row in rows:
+        cells = ["3" if row["name"] == "cat" else "7", row["name"], str(row["instances"])]
+        cells += [f"{row[key]:.1f}" for key in ("AP", "AP50", "AP75")]
+        assert any(
+            [cell.strip() for cell in line.split("│")[1:-1]] == cells
+            for line in result.output.splitlines()
+        )
