@@ -24,7 +24,7 @@ LAYERS = {
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
         "legacy", "checkpoint", "inspection", "backbone_import", "pretrained"],
     5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart", "api", "predicting",
-        "eval_pictures"],
+        "eval_pictures", "exporting"],
     6: ["commands.", "cli", "__main__"],
 }  # fmt: skip
 # Deliberate upward imports, each inside a function: see docs/architecture.md

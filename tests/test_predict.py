@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -216,3 +217,59 @@ def test_eval_per_class_prints_and_writes_id_name_instances_and_ap(two_checkpoin
             [cell.strip() for cell in line.split("│")[1:-1]] == cells
             for line in result.output.splitlines()
         )
+
+
+def _has(*packages: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in packages)
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "pt2",
+        pytest.param(
+            "onnx",
+            marks=pytest.mark.skipif(
+                not _has("onnx", "onnxscript", "onnxruntime"),
+                reason="onnx, onnxscript and onnxruntime are not installed: "
+                "pip install 'crosskd-cli[export]'",
+            ),
+        ),
+    ],
+)
+def test_export_writes_a_file_whose_raw_outputs_equal_the_models(two_checkpoints, tmp_path, fmt):
+    _, checkpoints, _ = two_checkpoints
+    out = tmp_path / f"student.{fmt}"
+    result = invoke("export", checkpoints[1], "--format", fmt, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"Wrote {out}" in result.output and "max abs diff to PyTorch" in result.output
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["class_names"] == ["cat", "dog"] and sidecar["category_ids"] == [3, 7]
+    assert sidecar["outputs"] == [f"{kind}_p{k}" for kind in ("cls", "box") for k in range(3, 8)]
+    # Run the written file here too, at another batch size and image size than the export's
+    # check, against the model as evaluation runs it (padding masked by image sizes).
+    predictor = Predictor.load(checkpoints[1], "cpu")
+    images = torch.rand(3, 3, 192, 256, generator=torch.Generator().manual_seed(5)) * 255
+    sizes = [(192, 256), (180, 200), (170, 256)]
+    for k, (h, w) in enumerate(sizes):
+        images[k, :, h:], images[k, :, :, w:] = 0, 0
+    with torch.no_grad():
+        head = predictor.model(images, sizes).head
+    expected = [*head.cls_logits, *head.box_preds]
+    if fmt == "pt2":
+        got = torch.export.load(out).module()(images, torch.tensor(sizes))
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        feed = {"images": images.numpy(), "image_sizes": torch.tensor(sizes).numpy()}
+        got = [torch.from_numpy(a) for a in session.run(None, feed)]
+    diff = max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True))
+    assert diff < 1e-4, diff
+    again = invoke("export", checkpoints[1], "--format", fmt, "--out", out)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_export_refuses_an_unknown_format(two_checkpoints):
+    result = invoke("export", two_checkpoints[1][1], "--format", "torchscript")
+    assert result.exit_code == 2 and "--format 'torchscript' is not known" in result.output
