@@ -273,3 +273,14 @@ def test_export_writes_a_file_whose_raw_outputs_equal_the_models(two_checkpoints
 def test_export_refuses_an_unknown_format(two_checkpoints):
     result = invoke("export", two_checkpoints[1][1], "--format", "torchscript")
     assert result.exit_code == 2 and "--format 'torchscript' is not known" in result.output
+
+
+def test_onnx_without_its_packages_says_which_extra_to_install(two_checkpoints, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
+    )
+    result = invoke("export", two_checkpoints[1][1], "--format", "onnx")
+    assert result.exit_code == 2
+    assert "--format onnx needs the package(s) onnxruntime" in result.output
+    assert "pip install 'crosskd-cli[export]'" in result.output
