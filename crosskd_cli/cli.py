@@ -13,7 +13,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from crosskd_cli import __version__
-from crosskd_cli.commands import distill, inspect, quickstart, teacher
+from crosskd_cli.commands import distill, export, inspect, predict, quickstart, teacher
 from crosskd_cli.commands import eval as eval_cmd
 from crosskd_cli.errors import CrossKDError, Interrupted
 
@@ -107,6 +107,8 @@ app.add_typer(teacher_app, name="teacher")
 app.command("distill", cls=Command)(error_boundary(distill.distill))
 app.command("eval", cls=Command)(error_boundary(eval_cmd.evaluate))
 app.command("inspect", cls=Command)(error_boundary(inspect.inspect))
+app.command("predict", cls=Command)(error_boundary(predict.predict))
+app.command("export", cls=Command)(error_boundary(export.export))
 app.command("quickstart", cls=Command)(error_boundary(quickstart.quickstart))
 
 

@@ -37,8 +37,9 @@ def coco_metrics(
         id, not the contiguous label), bbox [x, y, w, h] in original image pixels, score.
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl"} as floats in percent (0-100), full
     precision; NO_GROUND_TRUTH (-1.0) for a size range without ground truth. With per_class,
-    also "per_class": {class name: AP} in category-id order. Images without any prediction
-    count (as misses), so empty `results` give 0.0 wherever there is ground truth.
+    also "per_class": one `per_class_rows` row per category, in category-id order. Images
+    without any prediction count (as misses), so empty `results` give 0.0 wherever there is
+    ground truth.
     """
     check_backend(backend)
     clean = _clean_results(coco_gt, results)
@@ -47,11 +48,34 @@ def coco_metrics(
         stats, precision, cat_ids = EVALUATORS[backend](coco_gt, clean)
     metrics: dict[str, Any] = {key: _percent(stats[i]) for i, key in enumerate(METRIC_KEYS)}
     if per_class:
-        names = {cat["id"]: cat["name"] for cat in coco_gt.loadCats(cat_ids)}
-        metrics["per_class"] = {
-            names[cat_id]: _class_ap(precision[:, :, k, 0, -1]) for k, cat_id in enumerate(cat_ids)
-        }
+        metrics["per_class"] = per_class_rows(coco_gt, precision, cat_ids)
     return metrics
+
+
+PER_CLASS_KEYS = ("category_id", "name", "instances", "AP", "AP50", "AP75")
+# IoU-threshold rows of COCOeval's precision table (0.50:0.05:0.95) behind AP50 and AP75
+_IOU_ROW = {"AP50": 0, "AP75": 5}
+
+
+def per_class_rows(coco_gt: Any, precision: np.ndarray, cat_ids: list[int]) -> list[dict]:
+    """One row per category, in id order: category_id, name, instances (non-crowd ground-truth
+    boxes), AP, AP50, AP75 in percent (area 'all', 100 detections; NO_GROUND_TRUTH without
+    instances), as COCOeval.summarize computes its overall numbers."""
+    names = {cat["id"]: cat["name"] for cat in coco_gt.loadCats(cat_ids)}
+    instances = dict.fromkeys(cat_ids, 0)
+    for ann in coco_gt.dataset["annotations"]:
+        if not ann.get("iscrowd", 0) and ann["category_id"] in instances:
+            instances[ann["category_id"]] += 1
+    return [
+        {
+            "category_id": cat_id,
+            "name": names[cat_id],
+            "instances": instances[cat_id],
+            "AP": _class_ap(precision[:, :, k, 0, -1]),
+            **{key: _class_ap(precision[row, :, k, 0, -1]) for key, row in _IOU_ROW.items()},
+        }
+        for k, cat_id in enumerate(cat_ids)
+    ]
 
 
 def check_backend(backend: str) -> None:
@@ -187,11 +211,20 @@ def comparison_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
     return table
 
 
-def per_class_table(per_class: dict[str, float], title: str = "AP per class") -> Table:
-    """One row per class, in the order given (category-id order from coco_metrics)."""
+def per_class_table(rows: Sequence[dict[str, Any]], title: str = "AP per class") -> Table:
+    """One row per class (`per_class_rows`, in the order given): id, class, instances, AP,
+    AP50, AP75."""
     table = Table(title=title)
+    table.add_column("id", justify="right")
     table.add_column("class")
-    table.add_column("AP", justify="right")
-    for name, ap in per_class.items():
-        table.add_row(name, _fmt(ap))
+    table.add_column("instances", justify="right")
+    for key in PER_CLASS_KEYS[3:]:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["category_id"]),
+            row["name"],
+            str(row["instances"]),
+            *(_fmt(row[key]) for key in PER_CLASS_KEYS[3:]),
+        )
     return table

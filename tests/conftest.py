@@ -35,6 +35,19 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def same_kernels_at_any_batch_size():
+    """oneDNN picks other convolution kernels for other batch sizes, which differ in the last
+    bits; torch's own CPU kernels on one thread compute each image alike in any batch, so
+    detections of different batchings compare exactly."""
+    import warnings
+
+    with warnings.catch_warnings(), one_thread():
+        warnings.simplefilter("ignore", UserWarning)  # torch notes that TF32 is for Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def write_image(path: Path, size=(40, 30), mode="RGB", seed=0) -> None:
     """Random pixels of `size` (w, h) in `mode`, in the format the suffix names."""
     rng = np.random.default_rng(seed)

@@ -46,6 +46,8 @@ def test_version_prints_the_package_version():
         ("distill", "--cross-index"),
         ("eval", "--backend"),
         ("inspect", "--image-size"),
+        ("predict", "--score-thr"),
+        ("export", "--format"),
     ],
 )
 def test_each_subcommand_documents_its_options_and_an_example(command, option):
@@ -66,7 +68,7 @@ def test_importing_the_app_leaves_torch_out():
 
 @pytest.mark.parametrize(
     "command", [[], ["teacher"], ["teacher", "import"], ["distill"], ["eval"], ["inspect"],
-                ["quickstart"]]
+                ["quickstart"], ["predict"], ["export"]]
 )  # fmt: skip
 def test_help_of_every_command_answers_without_importing_torch(command):
     code = (

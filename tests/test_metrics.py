@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import random
+import re
 
 import pytest
 from pycocotools.coco import COCO
@@ -114,7 +115,8 @@ def test_faster_and_pycocotools_backends_give_the_same_numbers(coco, name):
     official = coco_metrics(coco, results, backend="pycocotools", per_class=True)
     for key in METRIC_KEYS:
         assert faster[key] == pytest.approx(official[key], abs=1e-6), key
-    assert faster["per_class"] == pytest.approx(official["per_class"], abs=1e-6)
+    for mine, theirs in zip(faster["per_class"], official["per_class"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
 
 
 def test_parity_sets_are_not_trivial(coco):
@@ -154,17 +156,34 @@ def test_size_ranges_without_ground_truth_are_reported_as_minus_one(tmp_path, ba
 def test_empty_predictions_give_zero_everywhere_instead_of_crashing(coco, backend):
     metrics = coco_metrics(coco, [], backend=backend, per_class=True)
     assert {key: metrics[key] for key in METRIC_KEYS} == dict.fromkeys(METRIC_KEYS, 0.0)
-    assert metrics["per_class"] == {"circle": 0.0, "square": 0.0}
+    assert [(row["name"], row["AP"], row["AP50"]) for row in metrics["per_class"]] == [
+        ("circle", 0.0, 0.0),
+        ("square", 0.0, 0.0),
+    ]
 
 
-def test_per_class_ap_is_keyed_by_class_name_in_category_id_order(coco):
-    # Every circle found, no square: circle 100, square 0, mean AP 50.
-    results = [r for r in perfect() if r["category_id"] == 3]
-    metrics = coco_metrics(coco, results, per_class=True)
-    assert list(metrics["per_class"]) == ["circle", "square"]
-    assert metrics["per_class"]["circle"] == pytest.approx(100.0, abs=1e-9)
-    assert metrics["per_class"]["square"] == 0.0
-    assert metrics["AP"] == pytest.approx(50.0, abs=1e-9)
+def test_per_class_rows_give_id_name_instances_and_ap_in_category_id_order(tmp_path):
+    # Every circle found (one at IoU 0.62: AP50 100, AP75 0), no square; a crowd circle does
+    # not count as an instance.
+    coco = make_coco(tmp_path, [*BOXES, (4, 3, [0, 0, 300, 200])])
+    coco.dataset["annotations"][-1]["iscrowd"] = 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    circles = [det(img, cat, box, 0.9) for img, cat, box in BOXES[:3:2] if cat == 3]
+    circles.append(det(4, 3, [200, 30, 40, 40 * 0.62], 0.8))
+    metrics = coco_metrics(coco, circles, per_class=True)
+    assert [{k: row[k] for k in ("category_id", "name", "instances")} for row in
+            metrics["per_class"]] == [
+        {"category_id": 3, "name": "circle", "instances": 3},
+        {"category_id": 7, "name": "square", "instances": 2},
+    ]  # fmt: skip
+    circle, square = metrics["per_class"]
+    assert circle["AP50"] == pytest.approx(100.0, abs=1e-9)
+    # at IoU 0.75, 2 of 3 found at precision 1: recall 0.00..0.66, 67 of COCO's 101 points
+    assert circle["AP75"] == pytest.approx(100 * 67 / 101, abs=1e-9)
+    assert 66.0 < circle["AP"] < 100.0
+    assert (square["AP"], square["AP50"], square["AP75"]) == (0.0, 0.0, 0.0)
+    assert metrics["AP"] == pytest.approx((circle["AP"] + square["AP"]) / 2, abs=1e-9)
 
 
 def test_per_class_is_only_computed_when_asked(coco):
@@ -226,6 +245,14 @@ def test_comparison_table_has_one_row_per_model():
 
 
 def test_per_class_table_lists_every_class():
-    text = render(per_class_table({"circle": 72.26, "square": -1.0}))
-    assert any(line.split() == ["│", "circle", "│", "72.3", "│"] for line in text.splitlines())
-    assert any(line.split() == ["│", "square", "│", "-", "│"] for line in text.splitlines())
+    rows = [
+        {"category_id": 3, "name": "circle", "instances": 12, "AP": 72.26, "AP50": 90.0,
+         "AP75": 80.04},
+        {"category_id": 7, "name": "square", "instances": 0, "AP": -1.0, "AP50": -1.0,
+         "AP75": -1.0},
+    ]  # fmt: skip
+    lines = [re.split("[│┃]", line)[1:-1] for line in render(per_class_table(rows)).splitlines()]
+    cells = [[cell.strip() for cell in line] for line in lines if line]
+    assert ["id", "class", "instances", "AP", "AP50", "AP75"] in cells
+    assert ["3", "circle", "12", "72.3", "90.0", "80.0"] in cells
+    assert ["7", "square", "0", "-", "-", "-"] in cells

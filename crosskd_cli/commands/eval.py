@@ -59,6 +59,13 @@ def evaluate(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace predictions.json/metrics.json in --out.")
     ] = False,
+    save_vis: Annotated[
+        int,
+        typer.Option(
+            help="Draw the first N validation images, ground truth beside the predictions "
+            "scoring at least 0.3, into OUT/vis/."
+        ),
+    ] = 0,
 ) -> None:
     """Evaluate a checkpoint on COCO-format validation data and print the COCO metrics.
 
@@ -66,17 +73,21 @@ def evaluate(
 
     Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
+    from crosskd_cli.errors import OptionError
     from crosskd_cli.evaluate import evaluate_checkpoint
     from crosskd_cli.metrics import metrics_table, per_class_table
     from crosskd_cli.progress import progress_bar
     from crosskd_cli.runs import check_folder, write_json
 
     target = check_eval_options(backend, batch_size, device)
+    if save_vis < 0:
+        raise OptionError(f"--save-vis must be 0 or more, got {save_vis}.", hint="Try 8.")
     if out is not None:
         check_folder(out)
     source = eval_data_source(checkpoint, data, val_ann, val_images, console)
     out = out or checkpoint.parent / f"eval-{checkpoint.stem}"
     targets = [out / "predictions.json", out / "metrics.json"]
+    targets += [out / "vis"] if save_vis else []
     if out != checkpoint.parent / f"eval-{checkpoint.stem}" and not overwrite:
         refuse_to_clobber(targets)
     with progress_bar(console) as bar:
@@ -121,6 +132,14 @@ def evaluate(
             f"{report.metrics['AP']:.3f}.[/]"
         )
     console.print(f"Wrote {targets[0]} and {targets[1]}.")
+    if save_vis > 0:
+        from crosskd_cli.eval_pictures import eval_pictures
+
+        meta = report.meta
+        pictures = eval_pictures(
+            source, report.results, meta.category_ids, meta.class_names, save_vis, out
+        )
+        console.print(f"Drew {len(pictures)} images into {out / 'vis'}/.")
 
 
 def check_eval_options(backend: str, batch_size: int | None, device: str = "auto") -> torch.device:
