@@ -209,9 +209,13 @@ def set_collective_timeout(seconds: int) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        from torch.distributed.distributed_c10d import _set_pg_timeout
+        timeout = datetime.timedelta(seconds=seconds)
+        if hasattr(dist, "set_timeout"):
+            dist.set_timeout(timeout)
+        else:  # torch < 2.10
+            from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+            _set_pg_timeout(timeout)
 
 
 def eval_shards(loader: torch.utils.data.DataLoader) -> tuple[Any, Callable | None]:

@@ -284,6 +284,7 @@ def test_a_process_that_dies_ends_the_run_with_its_last_state_which_resumes(tmp_
             "--set", "train.log_interval=1", "--set", "train.collective_timeout=20",
             "--out", str(run)]  # fmt: skip
     code, output = launch("torchrun", tmp_path / "kill.log", str(driver), *args)
+    output = " ".join(output.split())  # the message as one line, however rich wrapped it
     assert code != 0
     assert "lost the others at iteration 2" in output, output[-3000:]
     assert f"the last saved state, {run / 'last'} (iteration 2), is kept" in output
