@@ -63,10 +63,13 @@ class TrainConfig:
     epochs: Count = 12  # training length in epochs, unless max_iters is set
     max_iters: Count | None = None  # train for exactly this many iterations instead of epochs
     batch_size: Count = 2  # images per process
+    # forwards whose gradients are summed into one optimizer step (an iteration): the total
+    # batch is processes x batch_size x grad_accum, and the lr follows it
+    grad_accum: Count = 1
     # sgd (with momentum) or adamw (MMDetection's Swin configs)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: Positive = 0.01  # learning rate for a total batch of base_batch_size
-    base_batch_size: Count = 16  # lr scales linearly with total batch / this
+    base_batch_size: Count = 16  # lr scales linearly with the total batch / this
     momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9  # SGD momentum, in [0, 1)
     weight_decay: NonNegative = 1e-4
     warmup_iters: Index = 500  # warm-up length in iterations
@@ -98,6 +101,10 @@ class TrainConfig:
     # A step whose loss (or gradient norm) is NaN/inf is skipped; this many in a row stop the
     # run with the term named (checked at log intervals)
     max_nonfinite_steps: Count = 20
+    # Seconds a process waits for the others at a collective (gradient sync, loss sums) while
+    # training, before the run stops with the last saved state: a process that died or hangs
+    # ends the run instead of leaving the rest waiting
+    collective_timeout: Count = 1800
 
 
 @dataclass(frozen=True)

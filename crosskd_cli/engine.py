@@ -7,6 +7,7 @@ writes a checkpoint. The only module that imports accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -23,13 +24,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, load, set_seed
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    gather_object,
+    load,
+    set_seed,
+)
 from rich.console import Console
 from rich.progress import Progress
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from crosskd_cli import state_dir
+from crosskd_cli.batching import check_resumed_batch, lr_line, scaled_lr, total_batch
 from crosskd_cli.config import TrainConfig
 from crosskd_cli.errors import CrossKDError, Interrupted, OptionError, PresetError, RunError
 from crosskd_cli.progress import progress_bar
@@ -53,6 +63,7 @@ class TrainerState:
     best_epoch: int = -1
     wall_time: float = 0.0  # seconds of training so far, over all sessions
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
+    total_batch: int = 0  # images per optimizer step (0: a state from before it was recorded)
 
 
 def process_state() -> PartialState:
@@ -175,12 +186,53 @@ def make_accelerator(cfg: TrainConfig, run: RunDir | None = None) -> Accelerator
         cpu=device_type == "cpu",
         mixed_precision="fp16" if precision == "fp16" else "no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # an optimizer step every grad_accum forwards, counted by the loop, never cut short
+        # by the end of an epoch (the loop drops an epoch's leftover forwards instead)
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.grad_accum, sync_with_dataloader=False
+        ),
         step_scheduler_with_optimizer=False,  # the schedule is per iteration, stepped by hand
         log_with=trackers or None,
         project_dir=str(run.root / "trackers") if run is not None and trackers else None,
     )
     set_seed(cfg.seed, device_specific=False)
+    set_collective_timeout(cfg.collective_timeout)
     return accelerator
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """From here on, a collective that waits longer than `seconds` for another process fails
+    (`CollectiveFailure`) instead of waiting for ever. Set once the run is set up: the main
+    process alone may take long before (generating data, downloading weights)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        timeout = datetime.timedelta(seconds=seconds)
+        if hasattr(dist, "set_timeout"):
+            dist.set_timeout(timeout)
+        else:  # torch < 2.10
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(timeout)
+
+
+def eval_shards(loader: torch.utils.data.DataLoader) -> tuple[Any, Callable | None]:
+    """(loader, gather) for evaluation outside training (`crosskd eval`, --eval-teacher):
+    under several processes each reads its share of `loader`'s batches and `gather` collects
+    per-image results from all (a batch repeated to even the shares is met twice and counted
+    once, by image id, in `evaluate.predict`); in one process, (loader, None)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return loader, None
+    shard = prepare_data_loader(
+        loader,
+        num_processes=state.num_processes,
+        process_index=state.process_index,
+        put_on_device=False,
+    )
+    return shard, gather_object
 
 
 def check_trackers(names: list[str]) -> None:
@@ -195,11 +247,6 @@ def check_trackers(names: list[str]) -> None:
                 hint=f"pip install 'crosskd-cli[{name}]' (or pip install {name}), or drop it "
                 "from train.log_with.",
             )
-
-
-def scaled_lr(cfg: TrainConfig, num_processes: int) -> float:
-    """Linear scaling rule: lr is given for `base_batch_size` images per step."""
-    return cfg.lr * cfg.batch_size * num_processes / cfg.base_batch_size
 
 
 def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
@@ -305,11 +352,21 @@ class NonFiniteGuard:
     untouched when it is 1, as under GradScaler, without a host-device sync per step; the
     counts are read at log intervals. fp16 runs keep Accelerate's GradScaler, which skips by
     itself; the guard then only counts.
+
+    `reduce_sum` (several processes): a step is skipped by all when one process found its
+    losses not finite; a process stepping alone would leave the replicas different.
     """
 
-    def __init__(self, optimizer: Any, device: torch.device, scaler_skips: bool) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        device: torch.device,
+        scaler_skips: bool,
+        reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
         self.optimizer = None if scaler_skips else inner
+        self.reduce_sum = reduce_sum
         zero = torch.zeros((), device=device)
         self.found, self.streak, self.total = zero.clone(), zero.clone(), zero.clone()
 
@@ -320,6 +377,8 @@ class NonFiniteGuard:
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
         self.found = (~finite).float()
+        if self.reduce_sum is not None:
+            self.found = (self.reduce_sum(self.found) > 0).float()
         self.streak = (self.streak + self.found) * self.found
         self.total += self.found
         if self.optimizer is not None:
@@ -351,6 +410,20 @@ class Trainer:
     def reduce_mean(self, value: Tensor) -> Tensor:
         """Average a tensor over processes (loss normalisers such as the positive count)."""
         return self.accelerator.reduce(value, reduction="mean")
+
+    def _reduce_sum(self, value: Tensor) -> Tensor:
+        return self.accelerator.reduce(value, reduction="sum")
+
+    def _loss_means(self, sums: dict[str, Tensor], kept: Tensor) -> dict[str, float]:
+        """Each loss's mean over the kept steps of every process: the loss of the total
+        batch where its normaliser is averaged over processes (docs/method.md §1.3)."""
+        names = list(sums)
+        values = torch.stack([torch.as_tensor(sums[k], device=kept.device) for k in names])
+        values = torch.cat([values.float(), kept.reshape(1).float()])
+        if self.accelerator.num_processes > 1:
+            values = self._reduce_sum(values)
+        means = (values[:-1] / values[-1]).tolist()  # the one sync
+        return dict(zip(names, means, strict=True))
 
     @property
     def is_main(self) -> bool:
@@ -386,11 +459,13 @@ class Trainer:
         on_start: called once the state is loaded (on resume) and before the first step; a
         resume refused for a damaged state has changed nothing by then."""
         acc = self.accelerator
-        iters_per_epoch = len(train_loader)
+        train_loader = acc.prepare(train_loader)  # this process's share: it sets the epoch
+        iters_per_epoch = len(train_loader) // self.cfg.grad_accum  # optimizer steps
         if iters_per_epoch == 0:
             raise RunError(
-                "The training data gives no batch: fewer training images than the batch size.",
-                hint="Lower --set train.batch_size or use more training images.",
+                "The training data gives no optimizer step: fewer training images than the "
+                f"total batch, {total_batch(self.cfg, acc.num_processes).describe()}.",
+                hint="Lower --set train.batch_size (or train.grad_accum) or use more images.",
             )
         total = self.cfg.max_iters or self.cfg.epochs * iters_per_epoch
         lr = scaled_lr(self.cfg, acc.num_processes)
@@ -398,21 +473,25 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(self.cfg, iters_per_epoch)
         )
-        model, optimizer, train_loader, scheduler = acc.prepare(
-            model, optimizer, train_loader, scheduler
-        )
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         if resume:
             self._load_state()
+            saved = self.state.total_batch
+            check_resumed_batch(saved, self.cfg, acc.num_processes, self.resume_hint)
+        self.state.total_batch = total_batch(self.cfg, acc.num_processes).images
         if on_start is not None:
             on_start()
         self._session_start, self._session_wall = self.state.iteration, self.state.wall_time
-        guard = NonFiniteGuard(optimizer, acc.device, scaler_skips=self.precision == "fp16")
+        reduce_sum = self._reduce_sum if acc.num_processes > 1 else None
+        guard = NonFiniteGuard(optimizer, acc.device, self.precision == "fp16", reduce_sum)
         watcher = ZeroWatch(watch_zero)
+        if self.is_main:
+            self.console.print(f"[dim]{lr_line(self.cfg, acc.num_processes)}[/]")
         if self.precision != "no" and self.is_main:
             self.console.print(f"[dim]Training steps in {self.precision} mixed precision.[/]")
         if self.cfg.log_with:
             acc.init_trackers("crosskd", config=_scalars(asdict(self.cfg)))
-        with self.stop, self._progress() as progress:
+        with self.stop, self._progress() as progress, self._peers_watched():
             task = progress.add_task(
                 self._epoch_text(iters_per_epoch, total),
                 total=total,
@@ -431,6 +510,31 @@ class Trainer:
             acc.end_training()
         return self.state
 
+    @contextlib.contextmanager
+    def _peers_watched(self):
+        """A collective that failed (another process died) or timed out (it hangs) ends this
+        process with the run's state named, not with a traceback or an endless wait; the
+        launcher (torchrun, accelerate launch) then stops the remaining processes."""
+        try:
+            yield
+        except RuntimeError as err:
+            if self.accelerator.num_processes == 1 or not collective_failure(err):
+                raise
+            last = read_marker(self.run.state)
+            kept = (
+                f"the last saved state, {self.run.state} (iteration {last['iteration']}), is kept"
+                if last
+                else "no state was saved yet"
+            )
+            raise RunError(
+                f"Process {self.accelerator.process_index} lost the others at iteration "
+                f"{self.state.iteration}: another process died or did not answer within "
+                f"train.collective_timeout={self.cfg.collective_timeout} s ({_first_line(err)})."
+                f" The run stops; {kept}.",
+                hint=f"Look for the first error of another process above, then resume: "
+                f"{self.resume_hint}",
+            ) from None
+
     def _epoch_text(self, iters_per_epoch: int, total: int) -> str:
         epochs = -(-total // iters_per_epoch)
         return f"epoch {min(self.state.epoch + 1, epochs)}/{epochs}"
@@ -443,16 +547,15 @@ class Trainer:
         loader.set_epoch(state.epoch)
         if hasattr(loader.dataset, "set_epoch"):  # per-sample augmentation keyed by epoch
             loader.dataset.set_epoch(state.epoch, cfg.seed)
-        batches = acc.skip_first_batches(loader, state.epoch_step) if state.epoch_step else loader
+        done = state.epoch_step * cfg.grad_accum  # forwards of this epoch already trained
+        batches = acc.skip_first_batches(loader, done) if done else loader
         sums: dict[str, Tensor] = {}
         kept = torch.zeros((), device=acc.device)  # steps whose losses count in the means
         started = time.perf_counter()
         interval = _Interval(started, state.iteration)
         loop.model.train()
-        for batch in batches:
-            with self.autocast():
-                losses = loop.step_fn(loop.model, batch)
-            acc.backward(sum(losses.values()))
+        iters_per_epoch = len(loader) // cfg.grad_accum
+        for losses in self._optimizer_steps(loop, batches):
             norm = None
             if cfg.grad_clip:
                 norm = acc.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
@@ -468,13 +571,13 @@ class Trainer:
             state.epoch_step += 1
             progress.update(task, completed=state.iteration)  # the bar moves every step
             if state.iteration % cfg.log_interval == 0 or state.iteration == loop.total:
-                means = {k: (v / kept).item() for k, v in sums.items()}  # the one sync
+                means = self._loss_means(sums, kept)
                 self._check_finite(loop.guard, losses)
                 watcher.check(means, state.iteration, self.console if self.is_main else None)
                 progress.update(task, losses=_loss_text(means))
                 wall = state.wall_time + time.perf_counter() - started
                 self._log_interval(loop, interval, means, wall)
-            if state.iteration >= loop.total or state.epoch_step >= len(loader):
+            if state.iteration >= loop.total or state.epoch_step >= iters_per_epoch:
                 break
             if self._stop_agreed():
                 state.wall_time += time.perf_counter() - started
@@ -490,10 +593,31 @@ class Trainer:
                 "iteration": state.iteration,
                 "lr": loop.scheduler.get_last_lr()[0],
             }
-            row.update({k: (v / kept).item() for k, v in sums.items()})
+            row.update(self._loss_means(sums, kept))
             row["skipped_steps"] = int(loop.guard.total.item())
             row["seconds"] = round(state.wall_time, 1)
             self._pending_row = row
+
+    def _optimizer_steps(self, loop: _Loop, batches):
+        """Yield each optimizer step's losses (the mean over its forwards) once the gradients
+        of its `train.grad_accum` forwards are summed (Accelerate divides each forward's loss
+        by their number; DDP syncs on the last forward only). Leftover forwards at the end of
+        the epoch, too few for a step, are dropped, as an incomplete batch is."""
+        acc, forwards = self.accelerator, self.cfg.grad_accum
+        step: dict[str, Tensor] = {}
+        for batch in batches:
+            with acc.accumulate(loop.model):
+                with self.autocast():
+                    losses = loop.step_fn(loop.model, batch)
+                acc.backward(sum(losses.values()))
+            if forwards == 1:
+                yield losses
+                continue
+            for name, value in losses.items():
+                step[name] = step.get(name, 0) + value.detach() / forwards
+            if acc.sync_gradients:
+                yield step
+                step = {}
 
     def _log_interval(
         self, loop: _Loop, interval: _Interval, means: dict[str, float], wall: float
@@ -503,7 +627,7 @@ class Trainer:
         state, acc = self.state, self.accelerator
         now = time.perf_counter()
         steps = state.iteration - interval.iteration
-        images = steps * self.cfg.batch_size * acc.num_processes
+        images = steps * total_batch(self.cfg, acc.num_processes).images
         session_steps = max(state.iteration - self._session_start, 1)
         record = {
             "iteration": state.iteration,
@@ -708,6 +832,18 @@ def state_problem(folder: Path, process_index: int, scaler: bool) -> str | None:
     except (OSError, RuntimeError, ValueError, EOFError, KeyError, UnpicklingError) as err:
         return f"{rng} cannot be loaded ({_first_line(err)})"
     return None
+
+
+COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+
+
+def collective_failure(err: BaseException) -> bool:
+    """Did a collective fail because a peer is gone or silent? torch raises DistError
+    subclasses for most, plain RuntimeErrors naming the backend for the rest."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in COLLECTIVE_WORDS)
 
 
 def trainer_state_problem(marker: dict[str, Any]) -> str | None:

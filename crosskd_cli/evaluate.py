@@ -13,7 +13,7 @@ from torch import nn
 
 from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into
 from crosskd_cli.data import ClassList, CocoDetection, DataSource, build_eval_loader
-from crosskd_cli.engine import default_device
+from crosskd_cli.engine import default_device, eval_shards
 from crosskd_cli.errors import RunError
 from crosskd_cli.metrics import coco_metrics
 from crosskd_cli.models import build_detector
@@ -190,7 +190,8 @@ def evaluate_checkpoint(
     on_start: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Rebuild the model from the checkpoint alone and measure it on `data`'s validation split,
-    in fp32 on `device` (default: the accelerator, as training's evaluation)."""
+    in fp32 on `device` (default: the accelerator, as training's evaluation). Under several
+    processes each predicts its share of the images and every one returns the whole report."""
     state_dict, meta = load_checkpoint(checkpoint)
     model = build_detector(meta.model)
     load_state_into(model, state_dict, source=str(checkpoint))
@@ -198,10 +199,11 @@ def evaluate_checkpoint(
     model.to(device)
     dataset = eval_dataset(checkpoint, meta, data)
     batch_size = batch_size or meta.eval_batch_size
-    loader = build_eval_loader(dataset, batch_size=batch_size)
+    loader, gather = eval_shards(build_eval_loader(dataset, batch_size=batch_size))
     if on_start is not None:
         on_start(len(dataset))
-    results = scorable(predict(model, loader, meta.category_ids, on_batch=on_batch), dataset)
+    results = predict(model, loader, meta.category_ids, gather=gather, on_batch=on_batch)
+    results = scorable(results, dataset)
     metrics = coco_metrics(dataset.coco, results, backend=backend, per_class=per_class)
     warning = dataset.missing_classes_warning()
     return EvalReport(meta, data, len(dataset), batch_size, device, results, metrics, warning)

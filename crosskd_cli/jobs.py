@@ -22,7 +22,14 @@ from crosskd_cli.checkpoint import (
 from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import DataSource, DataSplits, build_eval_loader, build_loader, load_splits
 from crosskd_cli.distill import Distiller, export_as_is
-from crosskd_cli.engine import SaveFn, StepFn, Trainer, TrainerState, make_accelerator
+from crosskd_cli.engine import (
+    SaveFn,
+    StepFn,
+    Trainer,
+    TrainerState,
+    eval_shards,
+    make_accelerator,
+)
 from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import resolve_distill
@@ -230,9 +237,9 @@ def measure_teacher(
     teacher: nn.Module, splits: DataSplits, data: DataSource, batch_size: int, console: Console
 ) -> float:
     """--eval-teacher: the teacher's AP on this data before training, printed and recorded.
-    Every process measures the whole split: it happens once per run."""
-    loader = build_eval_loader(splits.val, batch_size=batch_size)
-    metrics = evaluate_model(teacher, splits.val, loader)
+    Under several processes each predicts its share, and all get the whole split's AP."""
+    loader, gather = eval_shards(build_eval_loader(splits.val, batch_size=batch_size))
+    metrics = evaluate_model(teacher, splits.val, loader, gather=gather)
     console.print(f"[bold]teacher[/] on {data.spec}: {headline(metrics)}")
     return metrics["AP"]
 

@@ -33,6 +33,9 @@ RESULT_NEUTRAL = {
     "train.log_with": "which trackers also receive the log",
     "train.state_interval": "when the resumable state is saved",
     "train.max_nonfinite_steps": "the patience of a diverging run",
+    "train.collective_timeout": "how long processes wait for each other",
+    # the split of a total batch: the total itself is checked against the saved state
+    "train.grad_accum": "how the total batch is split into forwards",
 }
 SCHEDULE = ("train.epochs", "train.max_iters")  # may grow on resume, never shrink
 # Not compared: descriptive fields; the teacher reference (the teacher file is checked by its

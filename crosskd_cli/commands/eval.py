@@ -73,12 +73,14 @@ def evaluate(
 
     Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
+    from crosskd_cli.engine import process_state, quiet_unless_main
     from crosskd_cli.errors import OptionError
     from crosskd_cli.evaluate import evaluate_checkpoint
     from crosskd_cli.metrics import metrics_table, per_class_table
     from crosskd_cli.progress import progress_bar
     from crosskd_cli.runs import check_folder, write_json
 
+    quiet_unless_main(console)  # under accelerate launch / torchrun: every process predicts
     target = check_eval_options(backend, batch_size, device)
     if save_vis < 0:
         raise OptionError(f"--save-vis must be 0 or more, got {save_vis}.", hint="Try 8.")
@@ -104,6 +106,8 @@ def evaluate(
         )
     if report.class_warning is not None:
         console.print(f"[bold yellow]Warning:[/] {report.class_warning}")
+    if not process_state().is_main_process:
+        return  # the main process writes the files of all
     write_json(targets[0], report.results)
     write_json(
         targets[1],
