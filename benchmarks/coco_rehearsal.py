@@ -14,7 +14,8 @@ Runs what a user with COCO and a GPU-less machine would run, as real `crosskd` p
    image by image.
 
 Reports the median training step after warm-up (the first step of each process is left out:
-it pays for allocations and the data loader's start), peak memory (the training process's
+it pays for allocations and the data loader's start) in wall time and in CPU time of the run's
+processes (which other load on a shared machine barely moves), peak memory (the training process's
 peak RSS as RUN/log.jsonl records it, and the largest RSS of each command's process tree),
 evaluation images/second (prediction only, first batch left out) and the hours the preset's
 schedule would take here: epochs x ceil(117,266 COCO train images with boxes / batch) steps at
@@ -31,6 +32,7 @@ Prints a markdown table and writes it with the figures as JSON to --out
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -107,6 +109,41 @@ class Command:
         return self
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and its live descendants (data loader workers),
+    with the children they reaped, from /proc: unlike wall time, barely moved by other load."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # ended meanwhile
+            ticks = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+            stats[int(entry.name)] = (int(fields[1]), ticks)
+    tree = {pid}
+    for _ in range(8):  # a few generations deep is plenty
+        tree |= {p for p, (parent, _) in stats.items() if parent in tree}
+    total = sum(stats[p][1] for p in tree if p in stats)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def follow(command: Command, run: Path, stop_after: int | None = None) -> dict[int, float]:
+    """Wait for a distill process, sampling its CPU time as each step is logged (and sending
+    SIGTERM once `stop_after` steps are): {iteration: CPU seconds so far}."""
+    cpu, signalled = {}, False
+    while not command.poll():
+        records = read_log(run)
+        for record in records:
+            if record["iteration"] not in cpu:
+                cpu[record["iteration"]] = tree_cpu_s(command.proc.pid)
+        if stop_after is not None and not signalled and len(records) >= stop_after:
+            command.proc.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.5)
+    return cpu
+
+
 def read_log(run: Path) -> list[dict]:
     path = run / "log.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -146,24 +183,34 @@ def distill_stopped_and_resumed(folder, teacher, run, env, logs, args) -> dict:
         ["distill", "--preset", PRESET, "--data", str(folder), "--teacher", str(teacher),
          *sets, "--out", str(run)], env, logs, "distill",
     )  # fmt: skip
-    signalled = False
-    while not first.poll():
-        if not signalled and len(read_log(run)) >= args.stop_after:
-            first.proc.send_signal(signal.SIGTERM)
-            signalled = True
-        time.sleep(0.5)
+    first_cpu = follow(first, run, stop_after=args.stop_after)
     first.wait(expect=143)  # 128 + SIGTERM: the state is saved
     saved = int(STOPPED.search(first.stderr.read_text())[1])
     before = [r for r in read_log(run) if r["iteration"] <= saved]
     second = Command(["distill", "--resume", "--out", str(run)], env, logs, "distill-resume")
+    second_cpu = follow(second, run)
     second.wait()
     after = [r for r in read_log(run) if r["iteration"] > saved]
-    return {"first": first, "second": second, "sessions": [before, after], "saved": saved}
+    cpu = [_step_cpu(first_cpu, saved), _step_cpu(second_cpu, None)]
+    return {"first": first, "second": second, "sessions": [before, after], "saved": saved,
+            "cpu_s": [c for session in cpu for c in session]}  # fmt: skip
 
 
-def step_seconds(sessions: list[list[dict]], batch: int) -> list[float]:
-    """Seconds of each logged step (log_interval 1), without each process's first step."""
-    return [batch / r["images_per_s"] for records in sessions for r in records[1:]]
+def _step_cpu(samples: dict[int, float], last: int | None) -> list[float]:
+    """CPU seconds of each step but the process's first (warm-up), up to iteration `last`."""
+    its = sorted(i for i in samples if last is None or i <= last)
+    return [samples[b] - samples[a] for a, b in itertools.pairwise(its) if b == a + 1]
+
+
+def step_seconds(sessions: list[list[dict]]) -> list[float]:
+    """Wall seconds of each logged step (log_interval 1; each record's `seconds` is the run's
+    training time so far), without each process's first step."""
+    return [
+        b["seconds"] - a["seconds"]
+        for records in sessions
+        for a, b in itertools.pairwise(records)
+        if b["iteration"] == a["iteration"] + 1
+    ]
 
 
 def eval_speed(checkpoint: Path, folder: Path) -> dict:
@@ -201,7 +248,9 @@ def machine() -> dict:
     }
 
 
-def predict_hours(step_s: float, eval_ips: float, batch: int, overrides: list[str]) -> dict:
+def predict_hours(
+    step_s: float, step_cpu_s: float, eval_ips: float, batch: int, overrides: list[str]
+) -> dict:
     schedule = load_preset(PRESET, overrides).train
     steps = schedule.epochs * math.ceil(COCO_TRAIN_IMAGES / batch)
     train_h = steps * step_s / 3600
@@ -210,6 +259,8 @@ def predict_hours(step_s: float, eval_ips: float, batch: int, overrides: list[st
         "epochs": schedule.epochs,
         "steps": steps,
         "train_hours": train_h,
+        # were every core busy with this run alone: its CPU time spread over all cores
+        "train_hours_all_cores": steps * step_cpu_s / len(os.sched_getaffinity(0)) / 3600,
         "eval_hours": eval_h,
         "total_hours": train_h + eval_h,
         "assumption": f"one process at batch {batch} (the preset's per-process batch; total "
@@ -229,12 +280,15 @@ def table(result: dict) -> str:
                     f"SIGTERM, saved at {result['saved']}, resumed"),
         ("step time (median after warm-up)", f"{s['median_s']:.1f} s "
          f"(min {s['min_s']:.1f}, max {s['max_s']:.1f}; {len(s['seconds'])} steps)"),
+        ("CPU time per step (median, the run's processes)", f"{s['median_cpu_s']:.1f} s"),
         ("peak memory (training process)", f"{result['peak_rss_mb']['training']:.0f} MB"),
         ("peak memory (largest process, any command)",
          f"{max(result['peak_rss_mb']['commands'].values()):.0f} MB"),
         ("evaluation", f"{e['images_per_s']:.2f} images/s (batch {e['batch_size']})"),
         ("1x schedule here", f"{p['total_hours']:,.0f} h ({p['steps']:,} steps: "
                              f"{p['train_hours']:,.0f} h training, {p['eval_hours']:.1f} h eval)"),
+        ("1x training, every core on this run alone", f"{p['train_hours_all_cores']:,.0f} h "
+                                                      "(its CPU time over all cores)"),
         ("command wall times", ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())),
     ]  # fmt: skip
     lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
@@ -284,7 +338,7 @@ def main() -> None:
 
     preset = load_preset(PRESET, args.set)
     batch = preset.train.batch_size
-    seconds = step_seconds(distill["sessions"], batch)
+    seconds = step_seconds(distill["sessions"])
     median = statistics.median(seconds)
     records = [r for session in distill["sessions"] for r in session]
     commands = {"teacher-import": imported, "distill": distill["first"],
@@ -304,6 +358,8 @@ def main() -> None:
             "median_s": median,
             "min_s": min(seconds),
             "max_s": max(seconds),
+            "cpu_s": [round(c, 2) for c in distill["cpu_s"]],
+            "median_cpu_s": statistics.median(distill["cpu_s"]),
         },
         "peak_rss_mb": {
             "training": max(r["max_memory_mb"] for r in records),
@@ -312,7 +368,9 @@ def main() -> None:
         },
         "wall_s": {name: round(c.wall_s, 1) for name, c in commands.items()},
         "eval": speed,
-        "prediction": predict_hours(median, speed["images_per_s"], batch, args.set),
+        "prediction": predict_hours(
+            median, statistics.median(distill["cpu_s"]), speed["images_per_s"], batch, args.set
+        ),
     }
     text = table(result)
     print("\n" + text + "\n\n" + result["prediction"]["assumption"] + ".")
