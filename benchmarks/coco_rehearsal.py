@@ -128,14 +128,16 @@ def tree_cpu_s(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def follow(command: Command, run: Path, stop_after: int | None = None) -> dict[int, float]:
-    """Wait for a distill process, sampling its CPU time as each step is logged (and sending
-    SIGTERM once `stop_after` steps are): {iteration: CPU seconds so far}."""
+def follow(
+    command: Command, run: Path, stop_after: int | None = None, after: int = 0
+) -> dict[int, float]:
+    """Wait for a distill process, sampling its CPU time as each step past iteration `after`
+    is logged (and sending SIGTERM once `stop_after` steps are): {iteration: CPU seconds}."""
     cpu, signalled = {}, False
     while not command.poll():
         records = read_log(run)
         for record in records:
-            if record["iteration"] not in cpu:
+            if record["iteration"] > after and record["iteration"] not in cpu:
                 cpu[record["iteration"]] = tree_cpu_s(command.proc.pid)
         if stop_after is not None and not signalled and len(records) >= stop_after:
             command.proc.send_signal(signal.SIGTERM)
@@ -188,7 +190,7 @@ def distill_stopped_and_resumed(folder, teacher, run, env, logs, args) -> dict:
     saved = int(STOPPED.search(first.stderr.read_text())[1])
     before = [r for r in read_log(run) if r["iteration"] <= saved]
     second = Command(["distill", "--resume", "--out", str(run)], env, logs, "distill-resume")
-    second_cpu = follow(second, run)
+    second_cpu = follow(second, run, after=saved)
     second.wait()
     after = [r for r in read_log(run) if r["iteration"] > saved]
     cpu = [_step_cpu(first_cpu, saved), _step_cpu(second_cpu, None)]
@@ -289,6 +291,8 @@ def table(result: dict) -> str:
                              f"{p['train_hours']:,.0f} h training, {p['eval_hours']:.1f} h eval)"),
         ("1x training, every core on this run alone", f"{p['train_hours_all_cores']:,.0f} h "
                                                       "(its CPU time over all cores)"),
+        ("load average (1 min) at start, end", "{:.1f}, {:.1f} (other jobs)".format(
+            result["load_average"]["start"][0], result["load_average"]["end"][0])),
         ("command wall times", ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())),
     ]  # fmt: skip
     lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
