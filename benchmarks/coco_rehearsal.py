@@ -22,8 +22,9 @@ schedule would take here: epochs x ceil(117,266 COCO train images with boxes / b
 the median step time on one process, plus one evaluation of COCO's 5,000 val images. Random
 weights keep more boxes out of NMS than trained ones do; the backbones, FPN and heads dominate.
 
-    python benchmarks/coco_rehearsal.py                    # ~10 min on 2 CPU cores
-    python benchmarks/coco_rehearsal.py --iters 4 --stop-after 2 --train 8 --val 4
+    python benchmarks/coco_rehearsal.py          # 25 min on 2 CPU cores shared with other jobs
+    python benchmarks/coco_rehearsal.py --work rehearsal/     # keep the folder, runs, logs
+    python benchmarks/coco_rehearsal.py --set 'data.scale=[128,96]'  # a smoke run, minutes
 
 Prints a markdown table and writes it with the figures as JSON to --out
 (benchmarks/results/coco_rehearsal/ by default).
@@ -303,8 +304,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=16, help="generated train images")
     parser.add_argument("--val", type=int, default=10, help="generated val images")
-    parser.add_argument("--iters", type=int, default=8, help="training steps in all")
-    parser.add_argument("--stop-after", type=int, default=4, help="logged steps before SIGTERM")
+    parser.add_argument("--iters", type=int, default=6, help="training steps in all")
+    parser.add_argument("--stop-after", type=int, default=3, help="logged steps before SIGTERM")
     parser.add_argument("--workers", type=int, default=None, help="data.num_workers (preset's)")
     parser.add_argument("--seed", type=int, default=0, help="of the generated images")
     parser.add_argument(
