@@ -17,10 +17,11 @@ Reports the median training step after warm-up (the first step of each process i
 it pays for allocations and the data loader's start) in wall time and in CPU time of the run's
 processes (which other load on a shared machine barely moves), peak memory (the training process's
 peak RSS as RUN/log.jsonl records it, and the largest RSS of each command's process tree),
-evaluation images/second (prediction only, first batch left out) and the hours the preset's
+evaluation images/second (prediction only, first image left out) and the hours the preset's
 schedule would take here: epochs x ceil(117,266 COCO train images with boxes / batch) steps at
 the median step time on one process, plus one evaluation of COCO's 5,000 val images. Random
-weights keep more boxes out of NMS than trained ones do; the backbones, FPN and heads dominate.
+weights put fewer candidates past the score threshold than trained ones; the backbones, FPN
+and heads dominate the time.
 
     python benchmarks/coco_rehearsal.py          # 25 min on 2 CPU cores shared with other jobs
     python benchmarks/coco_rehearsal.py --work rehearsal/     # keep the folder, runs, logs
