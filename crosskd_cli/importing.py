@@ -19,6 +19,7 @@ from crosskd_cli.backbone_import import UNUSED_KEYS, convert_mmdet_backbone
 from crosskd_cli.checkpoint import CheckpointMeta, make_meta, save_checkpoint
 from crosskd_cli.config import Preset
 from crosskd_cli.data import CocoDetection, DataSource
+from crosskd_cli.data.coco_layout import COCO_CATEGORY_IDS, COCO_CLASSES
 from crosskd_cli.errors import CheckpointError
 from crosskd_cli.families import get_family
 from crosskd_cli.models import build_detector
@@ -39,23 +40,6 @@ KEY_RULES = [
 BACKBONE_PREFIX = "backbone."
 # Buffers MMDetection saves that crosskd computes instead; each is checked, then dropped.
 DERIVED = {"bbox_head.integral.project"}  # GFL's 0..reg_max projection vector
-
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
-COCO_CATEGORY_IDS = (
-    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
-    *range(72, 83), *range(84, 91),
-)  # fmt: skip
 
 
 @dataclass

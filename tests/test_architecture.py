@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).parent.parent / "crosskd_cli"
 # Layer of each module (dotted, without "crosskd_cli."); a prefix ending in "." covers a folder.
 LAYERS = {
     0: ["errors", "specs", "schema", "bounded", "config", "runs", "run_record", "state_dir",
-        "progress", "metrics", "safe_pickle", "data.builtin", "data.source", "batching",
-        "__init__"],
+        "progress", "metrics", "safe_pickle", "data.builtin", "data.coco_layout", "data.source",
+        "batching", "__init__"],
     1: ["structures", "targets", "losses", "box_coders", "drawing", "data."],
     2: ["models.backbones", "models.mobilenet", "models.swin", "models.fpn", "models.dense_head",
         "models.detector", "criteria."],

@@ -6,11 +6,11 @@ dict given as --backbone-weights), alignment off (its statistics are per process
 normalisers above their floor of 1 (a student whose class bias is 0, so that GFL's box
 weights sum past 1 on every process).
 
-Tolerance: losses to 1e-4 relative (KD terms are small: 1e-3), weights to 1e-4 absolute after 3 SGD steps that move
-them by about 4e-2. The two runs add the same numbers in another order (DDP sums gradients
-over processes, a batch of 4 sums them over images), which in fp32 differs in the last bits
-and is amplified a little by momentum; a wrong normaliser or a duplicated image differs by
-the size of the update itself.
+Tolerance: losses to 1e-4 relative (KD terms are small: 1e-3), weights to 1e-4 absolute
+after 3 SGD steps that move them by about 4e-2. The two runs add the same numbers in another
+order (DDP sums gradients over processes, a batch of 4 sums them over images), which in fp32
+differs in the last bits and is amplified a little by momentum; a wrong normaliser or a
+duplicated image differs by the size of the update itself.
 """
 
 from __future__ import annotations

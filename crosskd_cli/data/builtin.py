@@ -277,14 +277,14 @@ def draw_image(rng: np.random.Generator, params: ShapesParams):
     """One picture and its labelled objects [(label, box)], all drawn from `rng`."""
     level = params.difficulty
     width, height = _image_size(rng, params.size)
-    canvas = _background(rng, width, height, level)
+    canvas = background(rng, width, height, level)
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(level, 2 + 2 * level))):  # unlabelled clutter underneath
-        _draw_distractor(draw, rng, _sample_box(rng, width, height))
+        _draw_distractor(draw, rng, sample_box(rng, width, height))
     visibility = _Visibility(height, width)
     objects = _place_objects(draw, rng, visibility, width, height, level)
     if rng.random() < 0.35 * level:  # and sometimes on top, partly covering objects
-        box = _sample_box(rng, width, height)
+        box = sample_box(rng, width, height)
         if visibility.place(box, labelled=False):
             _draw_distractor(draw, rng, box)
     if level:
@@ -306,12 +306,12 @@ def _place_objects(draw, rng, visibility, width: int, height: int, level: int):
     for _ in range(count * 4):  # a few tries per object to respect the occlusion cap
         if len(objects) == count:
             break
-        box = _sample_box(rng, width, height)
+        box = sample_box(rng, width, height)
         if not visibility.place(box, labelled=True):
             continue
         label = int(rng.integers(len(CLASSES)))
         shape, colour = CLASSES[label]
-        _draw_shape(draw, shape, box, _jitter(rng, COLOURS[colour]))
+        draw_shape(draw, shape, box, jitter(rng, COLOURS[colour]))
         objects.append((label, box))
     return objects
 
@@ -342,7 +342,7 @@ class _Visibility:
         return True
 
 
-def _background(rng: np.random.Generator, width: int, height: int, level: int) -> Image.Image:
+def background(rng: np.random.Generator, width: int, height: int, level: int) -> Image.Image:
     """A dim gradient with coarse texture, blotches and lines the detector must ignore."""
     c0, c1 = rng.uniform(20, 120, 3), rng.uniform(20, 120, 3)
     angle = rng.uniform(0, 2 * math.pi)
@@ -366,7 +366,7 @@ def _background(rng: np.random.Generator, width: int, height: int, level: int) -
     return image.filter(ImageFilter.GaussianBlur(radius=1.5))
 
 
-def _sample_box(rng: np.random.Generator, width: int, height: int) -> Box:
+def sample_box(rng: np.random.Generator, width: int, height: int) -> Box:
     """Side log-uniform from 8 px to half the image, aspect 0.6-1.6, inside the image."""
     side = math.exp(rng.uniform(math.log(8), math.log(min(width, height) / 2)))
     aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
@@ -380,7 +380,7 @@ def _tone(rng: np.random.Generator, low: float, high: float) -> tuple[int, int, 
     return tuple(int(v) for v in rng.uniform(low, high, 3))
 
 
-def _jitter(rng: np.random.Generator, colour) -> tuple[int, int, int]:
+def jitter(rng: np.random.Generator, colour) -> tuple[int, int, int]:
     shifted = np.asarray(colour) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
     return tuple(int(v) for v in shifted.clip(0, 255))
 
@@ -398,10 +398,10 @@ def _draw_distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: B
     else:
         shape, name = LOOKALIKES[int(rng.integers(len(LOOKALIKES)))]
         colour = COLOURS[name]
-    _draw_shape(draw, shape, box, _jitter(rng, colour))
+    draw_shape(draw, shape, box, jitter(rng, colour))
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill) -> None:
     x0, y0, x1, y1 = box
     cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
     if shape == "circle":
