@@ -32,6 +32,7 @@ RESULT_NEUTRAL = {
     "train.log_interval": "when losses are synced for the log",
     "train.state_interval": "when the resumable state is saved",
     "train.max_nonfinite_steps": "the patience of a diverging run",
+    "distill.gap_images": "the Fig. 5 distances measure the student, they never train it",
 }
 SCHEDULE = ("train.epochs", "train.max_iters")  # may grow on resume, never shrink
 # Not compared: descriptive fields; the teacher reference (the teacher file is checked by its

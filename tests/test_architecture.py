@@ -16,13 +16,13 @@ PACKAGE = Path(__file__).parent.parent / "crosskd_cli"
 # Layer of each module (dotted, without "crosskd_cli."); a prefix ending in "." covers a folder.
 LAYERS = {
     0: ["errors", "specs", "schema", "bounded", "config", "runs", "run_record", "state_dir",
-        "progress", "metrics", "safe_pickle", "data.builtin", "data.source", "__init__"],
+        "progress", "metrics", "safe_pickle", "data.builtin", "data.source", "plots", "__init__"],
     1: ["structures", "targets", "losses", "box_coders", "data."],
     2: ["models.backbones", "models.mobilenet", "models.swin", "models.fpn", "models.dense_head",
         "models.detector", "criteria."],
     3: ["families"],
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
-        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained"],
+        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained", "prediction_gap"],
     5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart"],
     6: ["commands.", "cli", "__main__"],
 }  # fmt: skip
