@@ -23,7 +23,7 @@ LAYERS = {
     3: ["families"],
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
         "legacy", "checkpoint", "inspection", "backbone_import", "pretrained", "prediction_gap"],
-    5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart"],
+    5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart", "target_maps"],
     6: ["commands.", "cli", "__main__"],
 }  # fmt: skip
 # Deliberate upward imports, each inside a function: see docs/architecture.md
