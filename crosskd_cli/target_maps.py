@@ -26,9 +26,9 @@ from crosskd_cli.errors import ModelError, OptionError, RunError
 from crosskd_cli.families import build_criterion
 from crosskd_cli.models import build_detector
 from crosskd_cli.pairing import pair_problems
+from crosskd_cli.plots import save_png
 
-DPI = 80  # figure 12.8 x 3.6 in: every PNG is 1024x288 px
-FIGSIZE = (12.8, 3.6)
+FIGSIZE = (12.8, 3.0)  # at plots.DPI (80): every PNG is 1024x240 px
 PANELS = ("image and ground truth", "teacher: max class score", "student's assigned target",
           "|teacher - target|, max over classes")  # fmt: skip
 
@@ -171,16 +171,16 @@ def draw_level(maps: TargetMaps, level: LevelMaps, path: Path) -> dict[str, np.n
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=FIGSIZE)
+    fig, axes = plt.subplots(1, 4, figsize=FIGSIZE, layout="constrained")
     h, w = maps.image.shape[:2]
     rows, cols = level.teacher.shape
     extent = (0, cols * level.stride, rows * level.stride, 0)  # the level's grid in pixels
     axes[0].imshow(maps.image)
     drawn = {}
     for ax, name in zip(axes[1:], ("teacher", "target", "disagreement"), strict=True):
-        ax.imshow(maps.image.mean(-1), cmap="gray", alpha=0.35)
+        ax.set_facecolor("#d8d8d8")  # where no loss is computed (NaN)
         image = ax.imshow(
-            getattr(level, name), cmap="magma", vmin=0, vmax=1, alpha=0.85, extent=extent,
+            getattr(level, name), cmap="magma", vmin=0, vmax=1, extent=extent,
             interpolation="nearest",
         )  # fmt: skip
         drawn[name] = np.ma.filled(image.get_array(), np.nan)
@@ -201,10 +201,7 @@ def draw_level(maps: TargetMaps, level: LevelMaps, path: Path) -> dict[str, np.n
         f"{int(np.nansum(level.target > 0))} positive locations",
         fontsize=9,
     )
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
     return drawn
 
 

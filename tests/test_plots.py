@@ -144,7 +144,7 @@ def test_inspect_targets_draws_the_teachers_scores_beside_the_assigned_targets(t
     levels = ["P3", "P4", "P5", "P6", "P7"]
     for level in levels:
         assert f"{level} (stride" in result.output
-        assert png_size(out / f"targets_{level}.png") == (1024, 288)
+        assert png_size(out / f"targets_{level}.png") == (1024, 240)
     saved = json.loads((out / "targets.json").read_text())
     assert saved["image_id"] == 3 and [lv["level"] for lv in saved["levels"]] == levels
 
