@@ -193,3 +193,18 @@ def test_inspect_targets_refuses_an_unknown_image_and_an_existing_picture(teache
     again = runner.invoke(app, [str(a) for a in args])
     refused(again, "targets_P3.png already exists", "--overwrite")
     invoke(*args, "--overwrite")
+
+
+@pytest.mark.parametrize("family", ["gfl", "retinanet", "atss", "fcos"])
+def test_the_fig5_distances_are_measured_for_every_head_family(family):
+    preset = load_preset(f"shapes-{family}-r34-to-r18", ["data.scale=[96,96]"])
+    source = resolve_data(DATA)
+    val = CocoDetection(source.val_ann, source.val_images, train=False, scale=(96, 96))
+    torch.manual_seed(0)
+    teacher_model, student_model = build_detector(preset.model), build_detector(preset.model)
+    gap = PredictionGap(teacher_model.eval(), build_criterion(preset.model), val, 3, 2, "cpu")
+    measured = gap(student_model)
+    assert set(measured) == set(COLUMNS)
+    assert all(math.isfinite(v) and v > 0 for v in measured.values()), measured
+    itself = gap(teacher_model)  # the teacher against itself
+    assert itself["l1_to_teacher_cls"] == 0.0 and itself["l1_to_teacher_box"] == 0.0
