@@ -131,6 +131,10 @@ class DistillConfig:
     pkd_weight: NonNegative | None = None
     beta: NonNegative = 1.0  # modulating exponent of the QFL-style cls KD
     temperature: Positive = 1.0  # KL box KD temperature
+    # The paper's Fig. 5 at every epoch end: mean L1 distances of the student's predictions to
+    # the teacher's and to the ground truth on the first N validation images, in results.csv
+    # and RUN/prediction_gap.png (0 = off). Measures only: the run learns exactly the same.
+    gap_images: Index = 32
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from crosskd_cli import state_dir
 from crosskd_cli.batching import check_resumed_batch, lr_line, scaled_lr, total_batch
 from crosskd_cli.config import TrainConfig
 from crosskd_cli.errors import CrossKDError, Interrupted, OptionError, PresetError, RunError
+from crosskd_cli.plots import plot_run_or_warn
 from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import DAMAGED_HINT, RunDir, append_results, keep_results_until
 from crosskd_cli.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
@@ -406,6 +407,8 @@ class Trainer:
         self._pending_row: dict[str, Any] = {}  # the epoch's losses, written after evaluation
         self.resume_hint = resume_hint  # the command that resumes this run, shown on interruption
         self.stop = StopRequest()
+        # model -> more columns of the epoch's results.csv row (the Fig. 5 distances), or None
+        self.epoch_end: Callable[[nn.Module], dict[str, float]] | None = None
 
     def reduce_mean(self, value: Tensor) -> Tensor:
         """Average a tensor over processes (loss normalisers such as the positive count)."""
@@ -716,7 +719,10 @@ class Trainer:
                 if self.is_main:
                     save_fn(self.accelerator.unwrap_model(model), "best", metrics)
         if self.is_main:
+            if self.epoch_end is not None:
+                row.update(self.epoch_end(self.accelerator.unwrap_model(model)))
             append_results(self.run, row)
+            plot_run_or_warn(self.run, self.console)  # results.png beside results.csv
             if not self.console.is_terminal:  # logs and pipes get no live bar: a line per epoch
                 line = epoch_line(row, state.iteration, total)
                 self.console.print(line, highlight=False, soft_wrap=True)  # one line, unwrapped

@@ -35,6 +35,7 @@ from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import resolve_distill
 from crosskd_cli.models import Detector, build_detector
 from crosskd_cli.pairing import check_pair, tap_widths
+from crosskd_cli.prediction_gap import EpochEndFn, PredictionGap
 from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
 from crosskd_cli.runs import RunDir, write_json
 from crosskd_cli.specs import ModelSpec
@@ -319,9 +320,33 @@ def distill_student(
         backbone_weights=_absolute(backbone_weights),
         student_weights=_absolute(student_weights),
     )
+    trainer.epoch_end = prediction_gap(preset, distiller, splits, export, trainer)
     watch = distiller.loss_names()
     job = Job("student", model, spec, distiller.step, training, record, watch, export)
     return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
+
+
+def prediction_gap(
+    preset: Preset,
+    distiller: Distiller,
+    splits: DataSplits,
+    export: Callable[[nn.Module], nn.Module],
+    trainer: Trainer,
+) -> EpochEndFn | None:
+    """The Fig. 5 measurement at each epoch end (`distill.gap_images`), on the exported
+    student; None when it is off."""
+    count = preset.distill.gap_images
+    if not count:
+        return None
+    gap = PredictionGap(
+        distiller.teacher,
+        distiller.criterion,
+        splits.val,
+        count,
+        preset.train.eval_batch_size,
+        trainer.accelerator.device,
+    )
+    return lambda model: gap(export(model))
 
 
 def _absolute(path: Path | None) -> str | None:

@@ -14,6 +14,7 @@ from crosskd_cli.config import Preset, load_preset
 from crosskd_cli.data import DataSource
 from crosskd_cli.errors import RunError
 from crosskd_cli.jobs import distill_student, train_detector
+from crosskd_cli.plots import GAP_PNG, RESULTS_PNG, has_gap, plot_gap, plot_run
 from crosskd_cli.pretrained import resolve
 from crosskd_cli.run_record import differences, read_run_preset
 from crosskd_cli.runs import RunDir, clear_run_dir, lock_run, write_json
@@ -153,3 +154,23 @@ def run_quickstart(
         ],
     )
     return rows
+
+
+def pictures(root: Path, rows: list[Row]) -> list[Path]:
+    """Every run's results.png (drawn for a student run made before crosskd drew them) and,
+    in `root`, the paper's Fig. 5 for the two students side by side."""
+    files = []
+    for row in rows:
+        run = RunDir(row.checkpoint.parent)
+        if not (run.root / RESULTS_PNG).is_file() and run.root.parent == root:
+            plot_run(run)
+        files += [p for p in (run.root / RESULTS_PNG, run.root / GAP_PNG) if p.is_file()]
+    students = {
+        row.name: row.checkpoint.parent / "results.csv"
+        for row in rows[1:]
+        if has_gap(row.checkpoint.parent / "results.csv")
+    }
+    if students:
+        plot_gap(students, root / GAP_PNG, "Fig. 5: " + " vs ".join(students))
+        files.append(root / GAP_PNG)
+    return files

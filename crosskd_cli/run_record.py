@@ -36,6 +36,7 @@ RESULT_NEUTRAL = {
     "train.collective_timeout": "how long processes wait for each other",
     # the split of a total batch: the total itself is checked against the saved state
     "train.grad_accum": "how the total batch is split into forwards",
+    "distill.gap_images": "the Fig. 5 distances measure the student, they never train it",
 }
 SCHEDULE = ("train.epochs", "train.max_iters")  # may grow on resume, never shrink
 # Not compared: descriptive fields; the teacher reference (the teacher file is checked by its

@@ -17,15 +17,17 @@ PACKAGE = Path(__file__).parent.parent / "crosskd_cli"
 LAYERS = {
     0: ["errors", "specs", "schema", "bounded", "config", "runs", "run_record", "state_dir",
         "progress", "metrics", "safe_pickle", "data.builtin", "data.coco_layout", "data.source",
-        "batching", "__init__"],
+        "batching", "plots",
+        "__init__"],
     1: ["structures", "targets", "losses", "box_coders", "drawing", "data."],
     2: ["models.backbones", "models.mobilenet", "models.swin", "models.fpn", "models.dense_head",
         "models.detector", "criteria."],
     3: ["families"],
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
-        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained"],
+        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained",
+        "prediction_gap"],
     5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart", "api", "predicting",
-        "eval_pictures", "exporting"],
+        "eval_pictures", "exporting", "target_maps"],
     6: ["commands.", "cli", "__main__"],
 }  # fmt: skip
 # Deliberate upward imports, each inside a function: see docs/architecture.md

@@ -57,7 +57,7 @@ def test_each_subcommand_documents_its_options_and_an_example(command, option):
 
 
 PREDICTORS = ("cls_predictor", "box_predictor")
-HEAVY = ("torch", "torchvision", "accelerate")
+HEAVY = ("torch", "torchvision", "accelerate", "matplotlib")
 
 
 def test_importing_the_app_leaves_torch_out():

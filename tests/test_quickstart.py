@@ -39,6 +39,14 @@ def test_a_quickstart_teacher_trained_otherwise_never_stands_in_for_the_pairs_te
     first = invoke("quickstart", *short)
     assert first.exit_code == 0, first.output
     assert "1/3 teacher" in first.output and "3/3 student" in first.output
+    # every run leaves results.png, each student its Fig. 5, and the quickstart both side by side
+    for run in ("none", "crosskd"):
+        assert (out / run / "results.png").is_file() and (
+            out / run / "prediction_gap.png"
+        ).is_file()
+    flat = "".join(first.output.split())  # rich wraps long paths
+    assert "Pictures(" in flat and "".join(str(out / "prediction_gap.png").split()) in flat
+    assert "/results.png" in flat
     again = invoke("quickstart", *short)  # the same settings: everything reused
     assert again.exit_code == 0, again.output
     assert "Reusing the cached teacher" in again.output

@@ -235,8 +235,10 @@ def print_run_summary(console: Console, run: RunDir, state: TrainerState) -> Non
     from crosskd_cli.metrics import metrics_table
 
     console.print(metrics_table(state.metrics, f"Run {run.root}"))
+    pictures = [p.name for p in (run.root / "results.png", run.root / "prediction_gap.png")]
+    pictures = [name for name in pictures if (run.root / name).is_file()]
     console.print(
         f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
         f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
-        f"{run.results.name}, {run.preset.name}, {run.config.name}."
+        f"{run.results.name}, {', '.join([*pictures, run.preset.name])}, {run.config.name}."
     )

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from crosskd_cli.commands._options import SetOpt
+from crosskd_cli.commands._options import DataOpt, OverwriteOpt, SetOpt
 from crosskd_cli.config import DEFAULT_PAIR, list_presets, load_preset, to_dict
 from crosskd_cli.errors import CrossKDError
 
@@ -55,6 +55,33 @@ def inspect(
         bool, typer.Option("--list-presets", help="List shipped presets.")
     ] = False,
     env: Annotated[bool, typer.Option("--env", help="Show versions and devices.")] = False,
+    targets: Annotated[
+        bool,
+        typer.Option(
+            "--targets",
+            help="Draw the paper's Fig. 2 for one validation image: per FPN level, the "
+            "teacher's class scores beside the targets the student is assigned (PNGs + JSON).",
+        ),
+    ] = False,
+    data: DataOpt = None,
+    image_id: Annotated[
+        int | None,
+        typer.Option("--image-id", help="--targets: a validation image id. Default: the first."),
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            "-t",
+            help="--targets: the teacher's .safetensors. Default: the preset's teacher weights, "
+            "or the cached teacher of `crosskd quickstart`.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="--targets: folder. Default: runs/targets/image-ID."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Show a pair's head layers per tower with their shapes, parameter counts, which teacher
     layers the cross branch reuses at --cross-index, and whether the pair is compatible.
@@ -62,10 +89,16 @@ def inspect(
     Shapes are worked out on the meta device: instant even for R101 at 800x1333.
 
     Example: crosskd inspect --preset gfl-r101-to-r50 --cross-index 3
+
+    Fig. 2: crosskd inspect --targets --preset shapes-gfl-r34-to-r18 --data builtin:shapes
+    --image-id 3
     """
     if fmt not in ("table", "json"):
         raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
-    if env:
+    if targets:
+        spec = load_preset(preset, list(overrides or []))
+        _show_targets(spec, data, image_id, teacher, out, overwrite)
+    elif env:
         _print_env()
     elif list_only:
         _print_presets()
@@ -78,6 +111,34 @@ def inspect(
             _show_pair(spec, cross_index, size, fmt)
         else:
             _show_detector(spec, size, fmt)
+
+
+def _show_targets(
+    spec: Preset,
+    data: str | None,
+    image_id: int | None,
+    teacher: Path | None,
+    out: Path | None,
+    overwrite: bool,
+) -> None:
+    from crosskd_cli.commands._common import data_source
+    from crosskd_cli.target_maps import compute_target_maps, write_target_maps
+    from crosskd_cli.teachers import resolve_teacher
+
+    source = data_source(data, spec, None, None, None, None)
+    teacher_path = resolve_teacher(spec, source, teacher, console)
+    maps = compute_target_maps(spec, source, teacher_path, image_id)
+    folder = out if out is not None else Path("runs/targets") / f"image-{maps.image_id}"
+    files = write_target_maps(maps, folder, overwrite)
+    console.print(
+        f"Image {maps.image_id} of {source.spec}, teacher {teacher_path}: per FPN level, the "
+        f"teacher's class scores beside the targets the {spec.model.backbone} student is "
+        "assigned, and where they disagree."
+    )
+    for level, path in zip(maps.levels, files, strict=False):
+        positives = int((level.target > 0).sum())
+        console.print(f"  {level.name} (stride {level.stride}): {path}  {positives} positives")
+    console.print(f"  the numbers drawn: {files[-1]}")
 
 
 def _show_checkpoint(checkpoint: Path, image_size: str | None, fmt: str) -> None:

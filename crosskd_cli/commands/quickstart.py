@@ -38,7 +38,7 @@ def quickstart(
     """
     from crosskd_cli.metrics import comparison_table
     from crosskd_cli.pretrained import resolve
-    from crosskd_cli.quickstart import run_quickstart
+    from crosskd_cli.quickstart import pictures, run_quickstart
     from crosskd_cli.runs import check_folder
 
     pair = load_preset(preset, list(overrides or []))
@@ -64,6 +64,10 @@ def quickstart(
         f"Training time {minutes:.1f} min in total. Checkpoints: "
         + ", ".join(str(r.checkpoint) for r in rows)
         + f". Summary: {out / 'summary.json'}"
+    )
+    console.print(
+        "Pictures (losses, lr and AP; the paper's Fig. 5, the students' distances to the "
+        "teacher and to the ground truth): " + ", ".join(str(p) for p in pictures(out, rows))
     )
 
 
