@@ -18,6 +18,7 @@ from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria import DenseCriterion, FlatOutputs
 from crosskd_cli.families import get_family
 from crosskd_cli.kd_terms import StepOutputs, kd_weights, method_terms
+from crosskd_cli.runtime import runtime_teacher, step_layout
 from crosskd_cli.structures import Batch, DetectorOutput, HeadOutput
 
 ALIGN_EPS = 1e-6
@@ -103,7 +104,10 @@ class Distiller:
     """Holds the frozen teacher and computes one distillation step's losses.
 
     The teacher is placed by the caller (eval mode, requires_grad False, outside the optimizer,
-    DDP and checkpoints); only the student is ever handed to the optimizer.
+    DDP and checkpoints); only the student is ever handed to the optimizer. With `fast`
+    (training does it) the step runs a copy of the teacher with its BatchNorms folded into its
+    convolutions, and feeds both networks channels-last batches where that pays
+    (`crosskd_cli.runtime`): the same function, rounded differently.
     """
 
     def __init__(
@@ -112,8 +116,11 @@ class Distiller:
         criterion: DenseCriterion,
         cfg: DistillConfig,
         reduce_mean: Reduce | None = None,
+        *,
+        fast: bool = False,
     ) -> None:
-        self.teacher = teacher
+        self.fast = fast
+        self.teacher = runtime_teacher(teacher) if fast and method_terms(cfg.method) else teacher
         self.criterion = criterion
         self.cfg = cfg
         self.terms = method_terms(cfg.method)
@@ -163,15 +170,23 @@ class Distiller:
         """GT losses on the student's own predictions, then each KD term of the method."""
         index = self.tap_index
         sizes = batch.image_sizes
-        student_out = student(batch.images, sizes, tap_index=index)
+        images = step_layout(batch.images) if self.fast else batch.images
+        student_out = student(images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, sizes, self.reduce_mean
         )
         if not self.terms:
             return losses  # the plain baseline: the teacher is never run
         with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
-            teacher_out = self.teacher(batch.images, sizes, tap_index=index)
-        teacher_flat = self.criterion.flatten(teacher_out.head, sizes)
+            if any(term.needs_teacher_head for term in self.terms):
+                teacher_out = self.teacher(images, sizes, tap_index=index)
+            else:  # PKD alone reads the FPN features: the teacher's head is never run
+                teacher_out = DetectorOutput(
+                    self.teacher.features(images, sizes), HeadOutput([], [])
+                )
+        teacher_flat = (
+            self.criterion.flatten(teacher_out.head, sizes) if teacher_out.head.cls_logits else None
+        )
         out = StepOutputs(student_out, teacher_out, student_flat, teacher_flat, targets, sizes)
         for term in self.terms:
             losses.update(term(self, out))

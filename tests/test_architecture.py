@@ -22,7 +22,7 @@ LAYERS = {
         "models.detector", "criteria."],
     3: ["families"],
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
-        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained"],
+        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained", "runtime"],
     5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart"],
     6: ["commands.", "cli", "__main__"],
 }  # fmt: skip
