@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -178,8 +179,8 @@ def build_step(
     cfg = DistillConfig(method=name, cross_index=int(index or 3))
     cfg = resolve_distill(cfg, get_family(student_spec.family).kd_defaults)
     student = build_detector(student_spec, pretrained=True).to(device).train()
-    if teacher is None:  # `none` never runs the teacher: a placeholder of the student's spec
-        teacher = build_detector(student_spec).requires_grad_(False).eval()
+    if teacher is None:  # `none` never runs a teacher: nothing is built for it
+        teacher = SimpleNamespace(spec=student_spec)
     distiller = Distiller(teacher, build_criterion(student_spec), cfg, fast=work.fast)
     del teacher  # the distiller holds the copy it runs
     optimizer = build_optimizer(student, TrainConfig(), 1e-4)

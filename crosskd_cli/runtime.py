@@ -78,7 +78,13 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
 
 def runtime_teacher(teacher: nn.Module) -> nn.Module:
     """The copy of a frozen teacher that a training step runs: its BatchNorms folded into
-    its convolutions. The teacher given is left as it is (its state dict, its evaluation)."""
+    its convolutions and, where channels-last pays, its weights stored channels-last too (a
+    convolution given NHWC activations and NCHW weights reorders the weights at every call,
+    forward and backward, on every FPN level). The teacher given is left as it is (its state
+    dict, its evaluation); the copy is never saved."""
     fast = copy.deepcopy(teacher)
     fold_frozen_batchnorm(fast)
+    first = next(fast.parameters(), None)
+    if first is not None and channels_last_pays(first.device):
+        fast.to(memory_format=torch.channels_last)
     return fast
