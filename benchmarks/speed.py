@@ -65,7 +65,7 @@ from crosskd_cli.families import build_criterion, get_family  # noqa: E402
 from crosskd_cli.kd_terms import resolve_distill  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
 from crosskd_cli.postprocess import postprocess  # noqa: E402
-from crosskd_cli.runtime import runtime_teacher, step_layout  # noqa: E402
+from crosskd_cli.runtime import runtime_teacher, step_layout, with_conv_weights_in  # noqa: E402
 from crosskd_cli.structures import Batch, Target  # noqa: E402
 
 SECTIONS = ("distill", "inference", "peers", "data", "metric")
@@ -168,6 +168,8 @@ def build_step(
         teacher = teacher.eval().to(device)
     if method == "teacher-forward":  # what a distill step runs of the teacher
         run_teacher = runtime_teacher(teacher) if work.fast else teacher
+        if work.fast and precision != "fp32":
+            run_teacher = with_conv_weights_in(run_teacher, DTYPES[precision])
         images = step_layout(batch.images) if work.fast else batch.images
 
         def forward() -> None:

@@ -88,3 +88,28 @@ def runtime_teacher(teacher: nn.Module) -> nn.Module:
     if first is not None and channels_last_pays(first.device):
         fast.to(memory_format=torch.channels_last)
     return fast
+
+
+def with_conv_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of a frozen model whose convolution weights and biases are stored in `dtype`,
+    sharing every other tensor with `model`. Under autocast to `dtype` it computes exactly
+    what `model` does (autocast casts convolution weights to `dtype` anyway), without casting
+    a frozen weight at every call: autocast caches only the casts of weights that train."""
+    shared = {
+        id(tensor): tensor
+        for module in model.modules()
+        if type(module) is not nn.Conv2d
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    }
+    cast = copy.deepcopy(model, shared)
+    for module in cast.modules():
+        if type(module) is nn.Conv2d:
+            for name, param in list(module.named_parameters(recurse=False)):
+                fmt = (
+                    torch.channels_last if param.dim() == 4 and not param.is_contiguous() else None
+                )
+                value = param.detach().to(dtype)
+                if fmt is not None:
+                    value = value.contiguous(memory_format=fmt)
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
+    return cast

@@ -16,7 +16,12 @@ from crosskd_cli.config import DistillConfig
 from crosskd_cli.distill import Distiller
 from crosskd_cli.families import build_criterion
 from crosskd_cli.models import build_detector
-from crosskd_cli.runtime import fold_frozen_batchnorm, runtime_teacher, step_layout
+from crosskd_cli.runtime import (
+    fold_frozen_batchnorm,
+    runtime_teacher,
+    step_layout,
+    with_conv_weights_in,
+)
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import Batch, Target
 
@@ -69,6 +74,20 @@ def test_the_folded_teacher_predicts_what_the_teacher_does_and_the_teacher_is_un
     ):
         torch.testing.assert_close(mine, theirs, **TOLERANCE)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_under_bf16_autocast_the_teacher_with_bf16_conv_weights_computes_the_same_numbers():
+    fast = runtime_teacher(trained_looking_teacher())
+    cast = with_conv_weights_in(fast, torch.bfloat16)
+    assert cast.head.towers["cls"][0].conv.weight.dtype == torch.bfloat16
+    assert cast.head.towers["cls"][0].norm.weight is fast.head.towers["cls"][0].norm.weight
+    assert fast.head.towers["cls"][0].conv.weight.dtype == torch.float32  # the copy's own
+    batch = make_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fast(step_layout(batch.images), batch.image_sizes)
+        got = cast(step_layout(batch.images), batch.image_sizes)
+    for mine, theirs in zip(got.head.cls_logits, want.head.cls_logits, strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_only_frozen_norms_fold_never_one_that_trains():
