@@ -73,6 +73,7 @@ METHODS = ("crosskd@0", "crosskd@1", "crosskd@2", "crosskd@3", "crosskd@4", "mim
            "none", "teacher-forward")  # fmt: skip
 COCO_SIZE = (800, 1333)  # (h, w): MMDetection's test scale, 1333x800
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MEMORY_BASE: dict[str, float] = {}  # "method precision" -> MB the imports alone took
 
 
 @dataclass
@@ -209,19 +210,25 @@ def child_memory(args: argparse.Namespace) -> None:
     """--child METHOD:PRECISION: build, run two steps, print the peak memory as JSON."""
     method, precision = args.child.split(":")
     device = resolve_device(args.device)
+    imported = peak_memory_mb(device)  # torch's own libraries (a CUDA build: several 100 MB)
     step = build_step(workload(args), method, precision, device)
     for _ in range(2):
         step()
-    print(json.dumps({"peak_mb": peak_memory_mb(device)}))
+    print(json.dumps({"peak_mb": peak_memory_mb(device), "imported_mb": imported}))
 
 
 def measure_memory(args: argparse.Namespace, method: str, precision: str) -> float | None:
+    """Peak memory of a fresh process that builds the models and runs two steps (MB): its
+    peak RSS on a CPU (torch's libraries included; the JSON keeps what the imports alone
+    took), the allocator's peak on a GPU."""
     command = [sys.executable, __file__, "--child", f"{method}:{precision}", *common_flags(args)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"  (memory of {method} {precision} not measured: {done.stderr.strip()[-300:]})")
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    MEMORY_BASE[f"{method} {precision}"] = measured["imported_mb"]
+    return measured["peak_mb"]
 
 
 def precisions(args: argparse.Namespace, device: torch.device) -> list[str]:
@@ -258,6 +265,16 @@ def network_ratios(figures: list[Figure]) -> dict[str, float]:
         if name not in ("none", "teacher-forward") and None not in base:
             ratios[f"{name} {precision}"] = value / sum(base)
     return ratios
+
+
+def memory_ratios(figures: list[Figure]) -> dict[str, float]:
+    """Each step's peak memory / the student-only step's, per precision."""
+    peaks = {(f.precision, f.name): f.peak_mb for f in figures if f.section == "distill"}
+    return {
+        f"{name} {precision}": peak / peaks[(precision, "none")]
+        for (precision, name), peak in peaks.items()
+        if peak and peaks.get((precision, "none")) and name != "none"
+    }
 
 
 # ----------------------------------------------------------------------- inference
@@ -634,6 +651,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = {
         "KD step / (student step + teacher forward)": network_ratios(figures),
         "ours / torchvision": peer_ratios(figures),
+        "peak memory / the student-only step's": memory_ratios(figures),
+        "MB after the imports alone (in every peak memory)": MEMORY_BASE,
     }
     table = markdown(figures, extra)
     print(table)
