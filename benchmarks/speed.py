@@ -201,8 +201,17 @@ def build_step(
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """The GPU allocator's peak, else this process's peak RSS. VmHWM, not getrusage's
+    ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report its
+    parent's (the benchmark's) RSS whenever that is larger."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
