@@ -18,6 +18,7 @@ from crosskd_cli.config import DistillConfig
 from crosskd_cli.criteria import DenseCriterion, FlatOutputs
 from crosskd_cli.families import get_family
 from crosskd_cli.kd_terms import StepOutputs, kd_weights, method_terms
+from crosskd_cli.runtime import runtime_teacher, step_layout, with_conv_weights_in
 from crosskd_cli.structures import Batch, DetectorOutput, HeadOutput
 
 ALIGN_EPS = 1e-6
@@ -103,7 +104,10 @@ class Distiller:
     """Holds the frozen teacher and computes one distillation step's losses.
 
     The teacher is placed by the caller (eval mode, requires_grad False, outside the optimizer,
-    DDP and checkpoints); only the student is ever handed to the optimizer.
+    DDP and checkpoints); only the student is ever handed to the optimizer. With `fast`
+    (training does it) the step runs a copy of the teacher with its BatchNorms folded into its
+    convolutions, and feeds both networks channels-last batches where that pays
+    (`crosskd_cli.runtime`): the same function, rounded differently.
     """
 
     def __init__(
@@ -112,8 +116,12 @@ class Distiller:
         criterion: DenseCriterion,
         cfg: DistillConfig,
         reduce_mean: Reduce | None = None,
+        *,
+        fast: bool = False,
     ) -> None:
-        self.teacher = teacher
+        self.fast = fast
+        self.teacher = runtime_teacher(teacher) if fast and method_terms(cfg.method) else teacher
+        self._cast_teacher: tuple[torch.dtype, nn.Module] | None = None
         self.criterion = criterion
         self.cfg = cfg
         self.terms = method_terms(cfg.method)
@@ -148,9 +156,21 @@ class Distiller:
         adapter = TapAdapter(student_width, teacher_width, tuple(self.teacher.head.towers))
         return AdaptedStudent(student, adapter), AdaptedStudent.exported
 
+    def running_teacher(self, device_type: str) -> nn.Module:
+        """The teacher this step runs: under autocast on the fast path, a copy with its
+        convolution weights already in the autocast dtype (the same numbers, no cast per
+        call), made on the first such step."""
+        if not self.fast or not torch.is_autocast_enabled(device_type):
+            return self.teacher
+        dtype = torch.get_autocast_dtype(device_type)
+        if self._cast_teacher is None or self._cast_teacher[0] != dtype:
+            self._cast_teacher = (dtype, with_conv_weights_in(self.teacher, dtype))
+        return self._cast_teacher[1]
+
     def cross_head_forward(self, student_taps: Taps, teacher_taps: Taps) -> HeadOutput:
+        teacher = self.running_teacher(student_taps[next(iter(student_taps))][0].device.type)
         return cross_head_forward(
-            self.teacher.head, self.cfg.cross_index, student_taps, teacher_taps, self.cfg.align
+            teacher.head, self.cfg.cross_index, student_taps, teacher_taps, self.cfg.align
         )
 
     def prediction_kd(self, pred: FlatOutputs, out: StepOutputs, prefix: str) -> dict[str, Tensor]:
@@ -163,15 +183,22 @@ class Distiller:
         """GT losses on the student's own predictions, then each KD term of the method."""
         index = self.tap_index
         sizes = batch.image_sizes
-        student_out = student(batch.images, sizes, tap_index=index)
+        images = step_layout(batch.images) if self.fast else batch.images
+        student_out = student(images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, sizes, self.reduce_mean
         )
         if not self.terms:
             return losses  # the plain baseline: the teacher is never run
+        teacher = self.running_teacher(images.device.type)
         with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
-            teacher_out = self.teacher(batch.images, sizes, tap_index=index)
-        teacher_flat = self.criterion.flatten(teacher_out.head, sizes)
+            if any(term.needs_teacher_head for term in self.terms):
+                teacher_out = teacher(images, sizes, tap_index=index)
+            else:  # PKD alone reads the FPN features: the teacher's head is never run
+                teacher_out = DetectorOutput(teacher.features(images, sizes), HeadOutput([], []))
+        teacher_flat = (
+            self.criterion.flatten(teacher_out.head, sizes) if teacher_out.head.cls_logits else None
+        )
         out = StepOutputs(student_out, teacher_out, student_flat, teacher_flat, targets, sizes)
         for term in self.terms:
             losses.update(term(self, out))

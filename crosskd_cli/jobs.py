@@ -38,6 +38,7 @@ from crosskd_cli.pairing import check_pair, tap_widths
 from crosskd_cli.prediction_gap import EpochEndFn, PredictionGap
 from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
 from crosskd_cli.runs import RunDir, write_json
+from crosskd_cli.runtime import step_layout
 from crosskd_cli.specs import ModelSpec
 
 
@@ -219,7 +220,7 @@ def train_detector(
     reduce_mean = trainer.reduce_mean
 
     def step(model, batch):
-        out = model(batch.images, batch.image_sizes)
+        out = model(step_layout(batch.images), batch.image_sizes)
         return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
 
     record = RunRecord("teacher", data.spec, backbone_weights=_absolute(backbone_weights))
@@ -303,7 +304,8 @@ def distill_student(
         teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
     initial = (None, None) if resume else (student_weights, backbone_weights)
     student = build_student(spec, *initial, pretrained=backbone_weights is not None)
-    distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean)
+    distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean, fast=True)
+    del teacher  # the distiller runs its own folded copy (crosskd_cli.runtime)
     model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {
         "command": "distill",

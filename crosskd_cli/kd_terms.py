@@ -38,7 +38,7 @@ class StepOutputs:
     student: DetectorOutput  # with the taps at the cross index when a term needs them
     teacher: DetectorOutput  # computed under no_grad
     student_flat: FlatOutputs  # the student's own predictions, flattened once
-    teacher_flat: FlatOutputs
+    teacher_flat: FlatOutputs | None  # None when no term needs the teacher's head
     targets: DenseTargets  # the student's assignment (label weights, positives, normalisers)
     image_sizes: list[tuple[int, int]]
 
@@ -50,6 +50,7 @@ class KDTerm(ABC):
     weight_keys: tuple[str, ...] = ()  # reads distill.<key>_weight
     defaults: Mapping[str, float] = {}  # weights for keys the head family does not define
     needs_taps: bool = False  # the step records both heads' taps at the cross index
+    needs_teacher_head: bool = True  # False: the teacher's FPN features are enough (PKD)
 
     @abstractmethod
     def loss_names(self, criterion: DenseCriterion, cfg: DistillConfig) -> tuple[str, ...]:
@@ -95,6 +96,7 @@ class PKD(KDTerm):
 
     token = "pkd"
     weight_keys = ("pkd",)
+    needs_teacher_head = False
 
     def loss_names(self, criterion: DenseCriterion, cfg: DistillConfig) -> tuple[str, ...]:
         return ("kd_pkd",)

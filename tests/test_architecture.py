@@ -25,7 +25,7 @@ LAYERS = {
     3: ["families"],
     4: ["models.build", "models.__init__", "distill", "kd_terms", "postprocess", "pairing",
         "legacy", "checkpoint", "inspection", "backbone_import", "pretrained",
-        "prediction_gap"],
+        "prediction_gap", "runtime"],
     5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart", "api", "predicting",
         "eval_pictures", "exporting", "target_maps"],
     6: ["commands.", "cli", "__main__"],

@@ -66,8 +66,14 @@ class Detector(nn.Module):
         Returns the FPN features [P3..P7] and the head's per-level outputs (with the tower taps
         at `tap_index` when given).
         """
-        features = self.neck(self.backbone(self.normalize(images, image_sizes)))
+        features = self.features(images, image_sizes)
         return DetectorOutput(features, self.head(features, tap_index=tap_index))
+
+    def features(
+        self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None
+    ) -> list[Tensor]:
+        """The FPN features [P3..P7] alone (PKD's teacher needs no head)."""
+        return self.neck(self.backbone(self.normalize(images, image_sizes)))
 
 
 def _valid_mask(
