@@ -101,6 +101,10 @@ class TrainConfig:
     # A step whose loss (or gradient norm) is NaN/inf is skipped; this many in a row stop the
     # run with the term named (checked at log intervals)
     max_nonfinite_steps: Count = 20
+    # The faster training step of crosskd_cli.runtime: a folded copy of the frozen teacher and,
+    # on CPUs, channels-last activations (benchmarks/speed.py). Off by default: with
+    # train.grad_accum it was seen further from the plain step than rounding explains
+    fast_step: bool = False
     # Seconds a process waits for the others at a collective (gradient sync, loss sums) while
     # training, before the run stops with the last saved state: a process that died or hangs
     # ends the run instead of leaving the rest waiting

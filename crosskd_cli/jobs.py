@@ -218,9 +218,10 @@ def train_detector(
     )
     criterion = build_criterion(spec)
     reduce_mean = trainer.reduce_mean
+    layout = step_layout if preset.train.fast_step else (lambda images: images)
 
     def step(model, batch):
-        out = model(step_layout(batch.images), batch.image_sizes)
+        out = model(layout(batch.images), batch.image_sizes)
         return criterion(out.head, batch.targets, batch.image_sizes, reduce_mean)[0]
 
     record = RunRecord("teacher", data.spec, backbone_weights=_absolute(backbone_weights))
@@ -304,8 +305,13 @@ def distill_student(
         teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)
     initial = (None, None) if resume else (student_weights, backbone_weights)
     student = build_student(spec, *initial, pretrained=backbone_weights is not None)
-    distiller = Distiller(teacher, build_criterion(spec), cfg, trainer.reduce_mean, fast=True)
-    del teacher  # the distiller runs its own folded copy (crosskd_cli.runtime)
+    distiller = Distiller(
+        teacher,
+        build_criterion(spec),
+        cfg,
+        trainer.reduce_mean,
+        fast=preset.train.fast_step,
+    )
     model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {
         "command": "distill",

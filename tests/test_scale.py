@@ -2,7 +2,9 @@
 
 Conditions under which 2 processes x batch 2 must equal 1 process x batch 4 (docs/method.md
 §4.1): images of one size (one padding), no flip, a backbone with frozen BN (a random state
-dict given as --backbone-weights), alignment off (its statistics are per process), and loss
+dict given as --backbone-weights), alignment off (its statistics are per process), the plain step
+(`train.fast_step` off, the default: with it, accumulation 2 x 2 ended up to 7% of an update
+from batch 4 after 3 steps, not yet explained), and loss
 normalisers above their floor of 1 (a student whose class bias is 0, so that GFL's box
 weights sum past 1 on every process).
 
