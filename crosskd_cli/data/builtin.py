@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -226,7 +226,7 @@ def _generate(root: Path, params: ShapesParams, progress) -> None:
             images.append(
                 {"id": k + 1, "file_name": name, "width": picture.width, "height": picture.height}
             )
-            annotations += _annotations(k + 1, objects, first_id=len(annotations) + 1)
+            annotations += coco_records(k + 1, objects, len(annotations) + 1, CATEGORY_IDS)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -235,8 +235,11 @@ def _generate(root: Path, params: ShapesParams, progress) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def _annotations(image_id: int, objects: list[tuple[int, Box]], first_id: int) -> list[dict]:
-    """COCO records: full object boxes in xywh (occlusion is capped, see OCCLUSION)."""
+def coco_records(
+    image_id: int, objects: list[tuple[int, Box]], first_id: int, category_ids: Sequence[int]
+) -> list[dict]:
+    """COCO records of (class index, xyxy box) objects: full boxes in xywh (occlusion is capped,
+    see OCCLUSION), `category_ids[class index]` as the category."""
     records = []
     for k, (label, (x0, y0, x1, y1)) in enumerate(objects):
         w, h = round(x1 - x0, 2), round(y1 - y0, 2)
@@ -244,7 +247,7 @@ def _annotations(image_id: int, objects: list[tuple[int, Box]], first_id: int) -
             {
                 "id": first_id + k,
                 "image_id": image_id,
-                "category_id": CATEGORY_IDS[label],
+                "category_id": category_ids[label],
                 "bbox": [round(x0, 2), round(y0, 2), w, h],
                 "area": round(w * h, 2),
                 "iscrowd": 0,

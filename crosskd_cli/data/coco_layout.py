@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crosskd_cli.data.builtin import background, draw_shape, jitter, sample_box
+from crosskd_cli.data.builtin import background, coco_records, draw_shape, jitter, sample_box
 from crosskd_cli.errors import DataError
 
 COCO_CLASSES = (
@@ -92,7 +92,9 @@ def write_coco_folder(
             info = {"id": k + 1, "file_name": f"{k + 1:012d}.jpg", "width": width, "height": height}
             picture.save(folder / info["file_name"], quality=90)
             images.append(info)
-            annotations += _records(info["id"], objects, first_id=len(annotations) + 1)
+            annotations += coco_records(
+                info["id"], objects, len(annotations) + 1, COCO_CATEGORY_IDS
+            )
         payload = {"images": images, "annotations": annotations, "categories": categories()}
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(payload))
     return root
@@ -123,20 +125,3 @@ def draw_coco_image(rng: np.random.Generator, width: int, height: int):
         objects.append((label, box))
     pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 5, (height, width, 3))
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), objects
-
-
-def _records(image_id: int, objects, first_id: int) -> list[dict]:
-    records = []
-    for k, (label, (x0, y0, x1, y1)) in enumerate(objects):
-        w, h = round(x1 - x0, 2), round(y1 - y0, 2)
-        records.append(
-            {
-                "id": first_id + k,
-                "image_id": image_id,
-                "category_id": COCO_CATEGORY_IDS[label],
-                "bbox": [round(x0, 2), round(y0, 2), w, h],
-                "area": round(w * h, 2),
-                "iscrowd": 0,
-            }
-        )
-    return records
