@@ -65,7 +65,13 @@ from crosskd_cli.families import build_criterion, get_family  # noqa: E402
 from crosskd_cli.kd_terms import resolve_distill  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
 from crosskd_cli.postprocess import postprocess  # noqa: E402
-from crosskd_cli.runtime import runtime_teacher, step_layout, with_conv_weights_in  # noqa: E402
+from crosskd_cli.runtime import (  # noqa: E402
+    runtime_teacher,
+    standard_layout,
+    step_layout,
+    to_train_layout,
+    with_conv_weights_in,
+)
 from crosskd_cli.structures import Batch, Target  # noqa: E402
 
 SECTIONS = ("distill", "inference", "peers", "data", "metric")
@@ -182,6 +188,8 @@ def build_step(
     cfg = DistillConfig(method=name, cross_index=int(index or 3))
     cfg = resolve_distill(cfg, get_family(student_spec.family).kd_defaults)
     student = build_detector(student_spec, pretrained=True).to(device).train()
+    if work.fast:  # as a training run stores it
+        to_train_layout(student, device)
     if teacher is None:  # `none` never runs a teacher: nothing is built for it
         teacher = SimpleNamespace(spec=student_spec)
     distiller = Distiller(teacher, build_criterion(student_spec), cfg, fast=work.fast)
@@ -320,6 +328,9 @@ def ours_peer(preset: str, batch: Batch, device: torch.device, fast: bool):
     torch.manual_seed(0)
     model = build_detector(spec).to(device)  # random weights: everything trains, BN too
     images = step_layout(batch.images) if fast else batch.images  # as `crosskd teacher` does
+    if fast:
+        to_train_layout(model, device)
+    inference = standard_layout(model)  # as `crosskd eval` loads a checkpoint
     criterion = build_criterion(spec)
     optimizer = build_optimizer(model, TrainConfig(), 1e-4)
 
@@ -332,9 +343,9 @@ def ours_peer(preset: str, batch: Batch, device: torch.device, fast: bool):
         optimizer.zero_grad(set_to_none=True)
 
     def infer() -> None:
-        model.eval()
+        inference.eval()
         with torch.inference_mode():
-            out = model(batch.images, batch.image_sizes)
+            out = inference(batch.images, batch.image_sizes)
             postprocess(out.head, batch.image_sizes, spec)
 
     return train, infer

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from torch import Tensor, nn
 
@@ -38,7 +39,7 @@ from crosskd_cli.pairing import check_pair, tap_widths
 from crosskd_cli.prediction_gap import EpochEndFn, PredictionGap
 from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
 from crosskd_cli.runs import RunDir, write_json
-from crosskd_cli.runtime import step_layout
+from crosskd_cli.runtime import standard_layout, step_layout, to_train_layout
 from crosskd_cli.specs import ModelSpec
 
 
@@ -143,6 +144,15 @@ def checkpoint_saver(
     return save
 
 
+def in_train_layout(job: Job, device: torch.device) -> Job:
+    """The fast step's job: the trained module's weights channels-last where that pays, and
+    evaluation, checkpoints and Fig. 5 given the standard layout (`runtime.standard_layout`)."""
+    if not to_train_layout(job.model, device):
+        return job
+    export = job.export
+    return dataclasses.replace(job, export=lambda model: standard_layout(export(model)))
+
+
 def run_job(
     preset: Preset,
     data: DataSource,
@@ -157,6 +167,8 @@ def run_job(
     """The shared part of every run: the record, the loop, evaluation, best/last checkpoints,
     what the data dropped."""
     acc = trainer.accelerator
+    if preset.train.fast_step:
+        job = in_train_layout(job, acc.device)
     eval_batch = preset.train.eval_batch_size
     val_loader = acc.prepare_data_loader(build_eval_loader(splits.val, batch_size=eval_batch))
     gather = functools.partial(acc.gather_for_metrics, use_gather_object=True)

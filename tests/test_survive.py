@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from crosskd_cli.checkpoint import read_meta
 from crosskd_cli.state_dir import STEPS
 
 ROOT = Path(__file__).parent.parent
@@ -111,14 +112,15 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identica
     assert epochs_in(out / "results.csv") == [1, 2]
 
 
-def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tmp_path):
+@pytest.mark.parametrize("fast", [False, True])  # train.fast_step: channels-last weights
+def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tmp_path, fast):
     teacher = str(uninterrupted / "best.safetensors")
 
     def distill(out: Path, *extra: str, action: str = "none", at: int = 0):
         return crosskd(
             "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY, "--set", "data.num_workers=1",
-            "--set", "model.backbone=resnet18", "--teacher", teacher, "--out", str(out), *extra,
-            action=action, at=at,
+            "--set", "model.backbone=resnet18", "--set", f"train.fast_step={str(fast).lower()}",
+            "--teacher", teacher, "--out", str(out), *extra, action=action, at=at,
         )  # fmt: skip
 
     straight = distill(tmp_path / "straight")
@@ -132,6 +134,13 @@ def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tm
     assert same_weights(
         tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors"
     )
+    # the AP the run recorded is the AP its checkpoint gives (evaluated in the file's layout)
+    best = tmp_path / "run" / "best.safetensors"
+    evaluated = crosskd("eval", str(best), "-o", str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    recorded = read_meta(best).metrics
+    assert measured["AP"] == recorded["AP"] and measured["AP50"] == recorded["AP50"]
 
 
 def test_a_stopped_quickstart_prints_its_command_with_every_flag_and_it_resumes(tmp_path):
