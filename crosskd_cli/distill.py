@@ -105,9 +105,10 @@ class Distiller:
 
     The teacher is placed by the caller (eval mode, requires_grad False, outside the optimizer,
     DDP and checkpoints); only the student is ever handed to the optimizer. With `fast`
-    (training does it) the step runs a copy of the teacher with its BatchNorms folded into its
-    convolutions, and feeds both networks channels-last batches where that pays
-    (`crosskd_cli.runtime`): the same function, rounded differently.
+    (training does it) the teacher given is changed in place, its BatchNorms folded into its
+    convolutions (its state dict then differs: pass a copy to keep the original), and both
+    networks get channels-last batches where that pays (`crosskd_cli.runtime`): the same
+    function, rounded differently.
     """
 
     def __init__(
@@ -120,7 +121,9 @@ class Distiller:
         fast: bool = False,
     ) -> None:
         self.fast = fast
-        self.teacher = runtime_teacher(teacher) if fast and method_terms(cfg.method) else teacher
+        if fast and method_terms(cfg.method):  # the caller hands the teacher over
+            teacher = runtime_teacher(teacher, in_place=True)
+        self.teacher = teacher
         self._cast_teacher: tuple[torch.dtype, nn.Module] | None = None
         self.criterion = criterion
         self.cfg = cfg
@@ -156,6 +159,15 @@ class Distiller:
         adapter = TapAdapter(student_width, teacher_width, tuple(self.teacher.head.towers))
         return AdaptedStudent(student, adapter), AdaptedStudent.exported
 
+    def teacher_forward(self, images: Tensor, sizes: list[tuple[int, int]]) -> DetectorOutput:
+        """The teacher's own forward, without autograd (the cross pass needs it, not this)."""
+        teacher = self.running_teacher(images.device.type)
+        with torch.no_grad():
+            if any(term.needs_teacher_head for term in self.terms):
+                return teacher(images, sizes, tap_index=self.tap_index)
+            # PKD alone reads the FPN features: the teacher's head is never run
+            return DetectorOutput(teacher.features(images, sizes), HeadOutput([], []))
+
     def running_teacher(self, device_type: str) -> nn.Module:
         """The teacher this step runs: under autocast on the fast path, a copy with its
         convolution weights already in the autocast dtype (the same numbers, no cast per
@@ -184,18 +196,15 @@ class Distiller:
         index = self.tap_index
         sizes = batch.image_sizes
         images = step_layout(batch.images) if self.fast else batch.images
+        # The teacher runs first: its forward's transient activations (ResNet stages at 1/4
+        # scale) then never coexist with the student's, which autograd keeps until backward
+        teacher_out = self.teacher_forward(images, sizes) if self.terms else None
         student_out = student(images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, sizes, self.reduce_mean
         )
-        if not self.terms:
+        if teacher_out is None:
             return losses  # the plain baseline: the teacher is never run
-        teacher = self.running_teacher(images.device.type)
-        with torch.no_grad():  # only the teacher's own forward; the cross pass needs autograd
-            if any(term.needs_teacher_head for term in self.terms):
-                teacher_out = teacher(images, sizes, tap_index=index)
-            else:  # PKD alone reads the FPN features: the teacher's head is never run
-                teacher_out = DetectorOutput(teacher.features(images, sizes), HeadOutput([], []))
         teacher_flat = (
             self.criterion.flatten(teacher_out.head, sizes) if teacher_out.head.cls_logits else None
         )

@@ -324,7 +324,7 @@ def distill_student(
         trainer.reduce_mean,
         fast=preset.train.fast_step,
     )
-    del teacher  # the distiller holds what it runs (on the fast path a folded copy): one in memory
+    del teacher  # the distiller's now (on the fast path folded in place): one in memory
     model, export = module_to_train(distiller, student, teacher_meta.model, console)
     training = {
         "command": "distill",
