@@ -20,7 +20,7 @@ def export(
         typer.Option(
             "--format",
             "-f",
-            help="onnx (needs pip install 'crosskd-cli[export]') or pt2 (torch.export).",
+            help="onnx (needs pip install 'crosskd-cli\\[export]') or pt2 (torch.export).",
         ),
     ] = "onnx",
     out: Annotated[
@@ -60,7 +60,10 @@ def export(
     with console.status(f"Exporting {checkpoint.name} to {fmt}..."):
         report = export_checkpoint(checkpoint, out, fmt, nms=nms)
     compared = "detections' max abs diff" if nms else "max abs diff"
+    found = f"{compared} to PyTorch {report.max_abs_diff:.2e}"
+    if report.max_abs_diff == float("inf"):
+        found = "the detections differ from PyTorch's in number or labels"
     console.print(
         f"Wrote {report.path} and {report.sidecar}. Checked on a {list(report.check_shape)} "
-        f"input: {compared} to PyTorch {report.max_abs_diff:.2e}."
+        f"input: {found}."
     )
