@@ -17,6 +17,7 @@ TorchScript is not offered: torch deprecates it in favour of torch.export.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,20 +149,23 @@ def export_checkpoint(checkpoint: Path, out: Path, fmt: str, nms: bool = False) 
     dynamic = ({0: batch, 2: 32 * rows, 3: 32 * cols}, {0: batch})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    program = torch.export.export(graph, (images, sizes), dynamic_shapes=dynamic)
-    if fmt == "pt2":
-        torch.export.save(program, tmp)
-        got = _run_pt2(tmp, images, sizes)
-    else:
-        torch.onnx.export(
-            program,
-            (images, sizes),
-            tmp,
-            input_names=["images", "image_sizes"],
-            output_names=names,
-            external_data=False,
-        )
-        got = _run_onnx(tmp, images, sizes)
+    with warnings.catch_warnings():
+        # torchvision's nms meta kernel calls a torch API torch has since renamed
+        warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated", FutureWarning)
+        program = torch.export.export(graph, (images, sizes), dynamic_shapes=dynamic)
+        if fmt == "pt2":
+            torch.export.save(program, tmp)
+            got = _run_pt2(tmp, images, sizes)
+        else:
+            torch.onnx.export(
+                program,
+                (images, sizes),
+                tmp,
+                input_names=["images", "image_sizes"],
+                output_names=names,
+                external_data=False,
+            )
+            got = _run_onnx(tmp, images, sizes)
     if nms:
         diff = detections_diff(predictor, images, sizes, got)
     else:
