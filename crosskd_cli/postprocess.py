@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from crosskd_cli.box_coders import BoxCoder
 from crosskd_cli.families import get_family
@@ -53,7 +53,8 @@ def _level_candidates(
     threshold's), final scores (B, k), labels (B, k), boxes (B, k, 4) xyxy.
     """
     scores = flatten_levels([cls_logits], per_location).flatten(1).float().sigmoid()  # (B, N*C)
-    scores, index = scores.topk(min(k, scores.shape[1]), dim=1)  # sorted, highest first
+    # sym_min: a plain min while exporting would pin the traced image size
+    scores, index = scores.topk(torch.sym_min(k, scores.shape[1]), dim=1)  # highest first
     prior, labels = index // spec.num_classes, index % spec.num_classes
     box = flatten_levels([box_preds], per_location)  # (B, N, K)
     box = box.gather(1, prior[..., None].expand(-1, -1, box.shape[-1]))
@@ -83,12 +84,30 @@ def postprocess(
     (0.6 GFL/ATSS, 0.5 RetinaNet/FCOS) when None. Top-k and decoding run batched over images;
     NMS runs per image over its class-offset boxes (as MMCV's batched_nms does).
     """
-    sizes = [tuple(x.shape[-2:]) for x in head_out.cls_logits]
     device = head_out.cls_logits[0].device
-    grid, coder = _decoding(spec)
-    priors = grid(sizes, device)
-    priors_per_level = priors.boxes.split(priors.num_per_level)
     max_shape = torch.tensor(image_sizes, dtype=torch.float32, device=device)[:, None, :]
+    cls_scores, scores, labels, boxes = candidates(head_out, max_shape, spec, pre_nms_top_k)
+    iou = get_family(spec.family).nms_iou if nms_iou is None else nms_iou
+    return [
+        _nms_one_image(*per_image, score_thr, iou, max_per_image)
+        for per_image in zip(boxes, cls_scores, scores, labels, strict=True)
+    ]
+
+
+def candidates(
+    head_out: HeadOutput, max_shape: Tensor, spec: ModelSpec, pre_nms_top_k: int = PRE_NMS_TOP_K
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every level's top-k (prior, class) pairs of every image, decoded and clamped, levels
+    concatenated: class scores (B, K) (the threshold's), final scores (B, K), labels (B, K),
+    boxes (B, K, 4) xyxy. max_shape: (B, 1, 2) float32, each image's unpadded (h, w).
+
+    Traceable by torch.export with symbolic image sizes (the priors are then built in the
+    graph rather than taken from the cache), so the exported post-processing is this code.
+    """
+    sizes = [tuple(x.shape[-2:]) for x in head_out.cls_logits]
+    grid, coder = _decoding(spec)
+    priors = grid(sizes, head_out.cls_logits[0].device)
+    priors_per_level = priors.boxes.split(priors.num_per_level)
     centerness = head_out.centerness or [None] * len(head_out.cls_logits)
     levels = [
         _level_candidates(
@@ -112,12 +131,8 @@ def postprocess(
             strict=True,
         )
     ]
-    iou = get_family(spec.family).nms_iou if nms_iou is None else nms_iou
     cls_scores, scores, labels, boxes = (torch.cat(p, dim=1) for p in zip(*levels, strict=True))
-    return [
-        _nms_one_image(*per_image, score_thr, iou, max_per_image)
-        for per_image in zip(boxes, cls_scores, scores, labels, strict=True)
-    ]
+    return cls_scores, scores, labels, boxes
 
 
 def _nms_one_image(
@@ -145,3 +160,71 @@ def scale_boxes_to_original(boxes: Tensor, scale: tuple[float, float]) -> Tensor
     """
     sx, sy = scale
     return boxes * boxes.new_tensor([1 / sx, 1 / sy, 1 / sx, 1 / sy])
+
+
+def postprocess_padded(
+    head_out: HeadOutput,
+    image_sizes: Tensor,
+    spec: ModelSpec,
+    score_thr: float = SCORE_THR,
+    nms_iou: float | None = None,
+    pre_nms_top_k: int = PRE_NMS_TOP_K,
+    max_per_image: int = MAX_PER_IMAGE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`postprocess` for all images at once in fixed-size tensors, traceable by torch.export
+    (the graph of `crosskd export --nms`).
+
+    image_sizes: (B, 2) int64, each image's unpadded (h, w). Returns boxes (B, M, 4) xyxy in
+    resized-image coordinates, scores (B, M), labels (B, M) int64 and num_detections (B,)
+    int64, M = max_per_image: image b's detections fill its first num_detections[b] rows,
+    highest final score first, as `postprocess` lists them; the other rows are 0 (labels -1).
+    """
+    max_shape = image_sizes.to(torch.float32)[:, None, :]
+    cls_scores, scores, labels, boxes = candidates(head_out, max_shape, spec, pre_nms_top_k)
+    iou = get_family(spec.family).nms_iou if nms_iou is None else nms_iou
+    return _nms_padded(
+        boxes, cls_scores, scores, labels, spec.num_classes, score_thr, iou, max_per_image
+    )
+
+
+def _nms_padded(
+    boxes: Tensor,
+    cls_scores: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    score_thr: float,
+    nms_iou: float,
+    max_per_image: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_nms_one_image` over (B, K) candidates at once. One NMS call over every image and
+    class, kept apart by coordinate offsets as torchvision's batched_nms keeps classes apart."""
+    batch, slots = scores.shape[0], max_per_image
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    keep = (cls_scores > score_thr) & (width > 0) & (height > 0)  # (B, K)
+    image, index = keep.nonzero(as_tuple=True)  # data-dependent count n
+    kept_boxes, kept_scores = boxes[image, index], scores[image, index]  # (n, 4), (n,)
+    kept_labels = labels[image, index]
+    # Offsets as batched_nms's, one group per (image, class); a max over the padded boxes
+    # since the kept ones may be none
+    span = torch.where(keep[..., None], boxes, 0.0).max() + 1
+    group = image * num_classes + kept_labels
+    order = nms(kept_boxes + (group.to(boxes.dtype) * span)[:, None], kept_scores, nms_iou)
+    # Group by image, each image's survivors in NMS's order (highest score first); the keys
+    # are unique, so any sort (ONNX's TopK too) gives this one order
+    survivors = order.numel()
+    key = image[order] * survivors + torch.arange(survivors, device=image.device)
+    order = order[key.argsort()]
+    counts = (image[order][None, :] == torch.arange(batch, device=image.device)[:, None]).sum(1)
+    starts = counts.cumsum(0) - counts  # (B,): where each image's survivors begin in `order`
+    num = counts.clamp(max=slots)
+    slot = torch.arange(slots, device=image.device)[None, :]  # (1, M)
+    # Rows past an image's count point at an appended padding entry
+    padded = torch.cat([order, order.new_full((1,), image.numel())])
+    pick = padded[torch.where(slot < num[:, None], starts[:, None] + slot, order.numel())]
+    return (
+        torch.cat([kept_boxes, kept_boxes.new_zeros(1, 4)])[pick],
+        torch.cat([kept_scores, kept_scores.new_zeros(1)])[pick],
+        torch.cat([kept_labels, kept_labels.new_full((1,), -1)])[pick],
+        num,
+    )

@@ -107,6 +107,9 @@ class AnchorGrid:
         dtype: torch.dtype = torch.float32,
     ) -> AnchorSet:
         """Priors for feature maps of the given (H, W) per level, P3 first."""
+        if any(isinstance(n, torch.SymInt) for size in feature_sizes for n in size):
+            # torch.export with dynamic image sizes: build them in the graph, uncached
+            return self._build(tuple(feature_sizes), torch.device(device), dtype)
         sizes = tuple((int(h), int(w)) for h, w in feature_sizes)
         key = (sizes, str(torch.device(device)), dtype)
         if key not in self._cache:
