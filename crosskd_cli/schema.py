@@ -280,6 +280,19 @@ def _build(cls: type, data: Any, path: str, policy: Policy, *, top: bool) -> Any
     return cls(**kwargs)
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans: `--set train.mixed_precision=no` arrives as
+# False. A choice spelled so (Accelerate's "no") is what the user wrote.
+_YAML11_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml11_spelling(value: Any, options: tuple[Any, ...]) -> str | None:
+    """The one string option of a Literal that YAML 1.1 would have read as `value`, if any."""
+    if not isinstance(value, bool):
+        return None
+    words = [o for o in options if isinstance(o, str) and o.lower() in _YAML11_BOOLS[value]]
+    return words[0] if len(words) == 1 else None
+
+
 def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
     """`value` as type `tp`; arrays become tuples where `tp` says tuple."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -305,6 +318,9 @@ def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
         # type() too, so that True does not pass for 1 nor 1.0 for 1
         if any(value == option and type(value) is type(option) for option in args):
             return value
+        spelled = _yaml11_spelling(value, args)
+        if spelled is not None:
+            return spelled
         raise _Problem("choice", path, value, tp)
     if origin in (tuple, list) or tp in (tuple, list):
         return _convert_array(tp, value, path, policy)

@@ -132,6 +132,19 @@ def test_set_overrides_are_parsed_as_yaml_scalars():
     assert preset.model.backbone == "resnet18"
 
 
+def test_a_choice_that_yaml_reads_as_a_boolean_is_taken_as_written():
+    """`--set train.mixed_precision=no` (Accelerate's spelling) reaches the parser as False."""
+    for written in ("no", "No", "'no'"):
+        assert (
+            load_preset("gfl-r50", [f"train.mixed_precision={written}"]).train.mixed_precision
+            == "no"
+        )
+    with pytest.raises(PresetError, match="must be one of 'no', 'fp16', 'bf16', 'auto', got True"):
+        load_preset("gfl-r50", ["train.mixed_precision=yes"])  # no option reads as True
+    with pytest.raises(PresetError, match="train.fast_step"):
+        load_preset("gfl-r50", ["train.fast_step=fast"])  # a bool field still wants a bool
+
+
 def test_unknown_key_names_the_dotted_path_and_suggests_the_close_match():
     with pytest.raises(PresetError) as info:
         load_preset("gfl-r50", ["train.epoch=3"])
