@@ -1,11 +1,11 @@
-"""How the training step runs fast: a folded runtime copy of the frozen teacher, and
+"""How the training step runs fast: the frozen teacher with its BatchNorms folded, and
 channels-last activations and weights on CPUs.
 
-None changes a weight that is saved, evaluated or exported: the folded teacher is a copy
-the distiller runs (the teacher's file and module are untouched), channels-last is a memory
-layout (saved and evaluated in the standard one). Both change float rounding (a folded
-convolution and a channels-last kernel add in another order): `tests/test_runtime.py`
-bounds the difference.
+None changes a weight that is saved, evaluated or exported: the folded teacher is what the
+distiller runs (the teacher's file is untouched, the module it was given is folded in place),
+channels-last is a memory layout (saved and evaluated in the standard one). Both change
+float rounding (a folded convolution and a channels-last kernel add in another order):
+`tests/test_runtime.py` bounds the difference.
 """
 
 from __future__ import annotations
