@@ -121,13 +121,13 @@ class Distiller:
         fast: bool = False,
     ) -> None:
         self.fast = fast
-        if fast and method_terms(cfg.method):  # the caller hands the teacher over
+        self.terms = method_terms(cfg.method)
+        if fast and self.terms:  # the caller hands the teacher over
             teacher = runtime_teacher(teacher, in_place=True)
         self.teacher = teacher
         self._cast_teacher: tuple[torch.dtype, nn.Module] | None = None
         self.criterion = criterion
         self.cfg = cfg
-        self.terms = method_terms(cfg.method)
         self.reduce_mean = reduce_mean
         family = get_family(teacher.spec.family)
         self.weights = kd_weights(cfg, family.kd_defaults, self.terms)
