@@ -10,6 +10,7 @@ KD terms themselves live in `crosskd_cli.kd_terms`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,32 +27,62 @@ Reduce = Callable[[Tensor], Tensor]
 Taps = dict[str, list[Tensor]]  # tower name -> per-level taps
 
 
-def align_tap(student_tap: Tensor, teacher_tap: Tensor) -> Tensor:
+class TapStats(NamedTuple):
+    """A tap's per-channel mean and std over (N, H, W), each (1, C, 1, 1): all the cross-head
+    forward needs of the teacher's taps (2 numbers a channel instead of the maps)."""
+
+    mean: Tensor
+    std: Tensor
+
+
+def tap_stats(tap: Tensor) -> TapStats:
+    """Per-channel mean and unbiased std + 1e-6 over (N, H, W), as constants (docs/method.md
+    §2.4)."""
+    dims = (0, 2, 3)
+    return TapStats(
+        tap.mean(dim=dims, keepdim=True).detach(),
+        tap.std(dim=dims, keepdim=True).detach() + ALIGN_EPS,
+    )
+
+
+def align_tap(student_tap: Tensor, teacher: Tensor | TapStats) -> Tensor:
     """Give the student tap the teacher tap's per-channel mean and std over (N, H, W).
 
     The student's statistics stay differentiable; the teacher's are constants. Unbiased std
-    plus 1e-6 (docs/method.md §2.4).
+    plus 1e-6 (docs/method.md §2.4). `teacher` is the teacher's tap or its `tap_stats`.
+
+    Computed as one affine map, tap * scale + shift with scale = t_std / s_std and shift =
+    t_mean - s_mean * scale: the same function as (tap - s_mean) / s_std * t_std + t_mean,
+    but autograd keeps no (tap - s_mean) map for the backward, only the tap it already holds
+    (one activation map per level and tower less at the step's peak).
     """
+    t_mean, t_std = teacher if isinstance(teacher, TapStats) else tap_stats(teacher)
     dims = (0, 2, 3)
     s_mean = student_tap.mean(dim=dims, keepdim=True)
     s_std = student_tap.std(dim=dims, keepdim=True) + ALIGN_EPS
-    t_mean = teacher_tap.mean(dim=dims, keepdim=True).detach()
-    t_std = teacher_tap.std(dim=dims, keepdim=True).detach() + ALIGN_EPS
-    return (student_tap - s_mean) / s_std * t_std + t_mean
+    scale = t_std / s_std
+    return torch.addcmul(t_mean - s_mean * scale, student_tap, scale)
 
 
 def cross_head_forward(
-    teacher_head: nn.Module, index: int, student_taps: Taps, teacher_taps: Taps, align: bool = True
+    teacher_head: nn.Module,
+    index: int,
+    student_taps: Taps,
+    teacher_taps: Taps | dict[str, list[TapStats]],
+    align: bool = True,
 ) -> HeadOutput:
     """Student taps at `index` -> (align) -> (ReLU if index > 0) -> rest of the teacher head.
 
     Runs with autograd on: the teacher's weights are frozen (requires_grad False) but the
-    gradient must flow through them back into the student's tap.
+    gradient must flow through them back into the student's tap. `teacher_taps`: the
+    teacher's taps, or their `tap_stats` (all alignment reads of them).
     """
 
-    def prepare(student: Tensor, teacher: Tensor) -> Tensor:
-        x = align_tap(student, teacher) if align else student
-        return torch.relu(x) if index > 0 else x
+    def prepare(student: Tensor, teacher: Tensor | TapStats) -> Tensor:
+        if not align:
+            return torch.relu(student) if index > 0 else student
+        aligned = align_tap(student, teacher)  # a new tensor: its ReLU can run in place
+        return aligned.relu_() if index > 0 else aligned
 
     inputs = {
         tower: [prepare(s, t) for s, t in zip(taps, teacher_taps[tower], strict=True)]
@@ -159,14 +190,24 @@ class Distiller:
         adapter = TapAdapter(student_width, teacher_width, tuple(self.teacher.head.towers))
         return AdaptedStudent(student, adapter), AdaptedStudent.exported
 
-    def teacher_forward(self, images: Tensor, sizes: list[tuple[int, int]]) -> DetectorOutput:
-        """The teacher's own forward, without autograd (the cross pass needs it, not this)."""
+    def teacher_forward(
+        self, images: Tensor, sizes: list[tuple[int, int]]
+    ) -> tuple[DetectorOutput, dict[str, list[TapStats]]]:
+        """The teacher's own forward, without autograd (the cross pass needs it, not this),
+        and the statistics of its taps. Only what a term reads outlives the call: the taps
+        become their statistics, the FPN features are dropped unless PKD reads them (on GFL
+        at 512x512, ~33 MB of maps freed before the student runs)."""
         teacher = self.running_teacher(images.device.type)
         with torch.no_grad():
-            if any(term.needs_teacher_head for term in self.terms):
-                return teacher(images, sizes, tap_index=self.tap_index)
-            # PKD alone reads the FPN features: the teacher's head is never run
-            return DetectorOutput(teacher.features(images, sizes), HeadOutput([], []))
+            if not any(term.needs_teacher_head for term in self.terms):
+                # PKD alone reads the FPN features: the teacher's head is never run
+                return DetectorOutput(teacher.features(images, sizes), HeadOutput([], [])), {}
+            out = teacher(images, sizes, tap_index=self.tap_index)
+            stats = {tower: [tap_stats(t) for t in taps] for tower, taps in out.head.taps.items()}
+        out.head.taps = {}
+        if not any(term.needs_teacher_features for term in self.terms):
+            out.features = []
+        return out, stats
 
     def running_teacher(self, device_type: str) -> nn.Module:
         """The teacher this step runs: under autocast on the fast path, a copy with its
@@ -179,10 +220,12 @@ class Distiller:
             self._cast_teacher = (dtype, with_conv_weights_in(self.teacher, dtype))
         return self._cast_teacher[1]
 
-    def cross_head_forward(self, student_taps: Taps, teacher_taps: Taps) -> HeadOutput:
+    def cross_head_forward(
+        self, student_taps: Taps, teacher_stats: dict[str, list[TapStats]]
+    ) -> HeadOutput:
         teacher = self.running_teacher(student_taps[next(iter(student_taps))][0].device.type)
         return cross_head_forward(
-            teacher.head, self.cfg.cross_index, student_taps, teacher_taps, self.cfg.align
+            teacher.head, self.cfg.cross_index, student_taps, teacher_stats, self.cfg.align
         )
 
     def prediction_kd(self, pred: FlatOutputs, out: StepOutputs, prefix: str) -> dict[str, Tensor]:
@@ -198,7 +241,9 @@ class Distiller:
         images = step_layout(batch.images) if self.fast else batch.images
         # The teacher runs first: its forward's transient activations (ResNet stages at 1/4
         # scale) then never coexist with the student's, which autograd keeps until backward
-        teacher_out = self.teacher_forward(images, sizes) if self.terms else None
+        teacher_out, teacher_stats = (
+            self.teacher_forward(images, sizes) if self.terms else (None, {})
+        )
         student_out = student(images, sizes, tap_index=index)
         losses, targets, student_flat = self.criterion(
             student_out.head, batch.targets, sizes, self.reduce_mean
@@ -208,7 +253,9 @@ class Distiller:
         teacher_flat = (
             self.criterion.flatten(teacher_out.head, sizes) if teacher_out.head.cls_logits else None
         )
-        out = StepOutputs(student_out, teacher_out, student_flat, teacher_flat, targets, sizes)
+        out = StepOutputs(
+            student_out, teacher_out, teacher_stats, student_flat, teacher_flat, targets, sizes
+        )
         for term in self.terms:
             losses.update(term(self, out))
         return losses

@@ -26,7 +26,7 @@ from crosskd_cli.structures import DetectorOutput
 from crosskd_cli.targets import DenseTargets
 
 if TYPE_CHECKING:
-    from crosskd_cli.distill import Distiller
+    from crosskd_cli.distill import Distiller, TapStats
 
 NONE = "none"  # the method without any KD term: the plain student
 
@@ -36,7 +36,8 @@ class StepOutputs:
     """What one distillation step computed before its KD terms, shared by all of them."""
 
     student: DetectorOutput  # with the taps at the cross index when a term needs them
-    teacher: DetectorOutput  # computed under no_grad
+    teacher: DetectorOutput  # computed under no_grad; FPN features only for a term needing them
+    teacher_tap_stats: dict[str, list[TapStats]]  # of the teacher's taps, when a term needs taps
     student_flat: FlatOutputs  # the student's own predictions, flattened once
     teacher_flat: FlatOutputs | None  # None when no term needs the teacher's head
     targets: DenseTargets  # the student's assignment (label weights, positives, normalisers)
@@ -51,6 +52,7 @@ class KDTerm(ABC):
     defaults: Mapping[str, float] = {}  # weights for keys the head family does not define
     needs_taps: bool = False  # the step records both heads' taps at the cross index
     needs_teacher_head: bool = True  # False: the teacher's FPN features are enough (PKD)
+    needs_teacher_features: bool = False  # reads the teacher's FPN features (else dropped)
 
     @abstractmethod
     def loss_names(self, criterion: DenseCriterion, cfg: DistillConfig) -> tuple[str, ...]:
@@ -72,7 +74,7 @@ class CrossHead(KDTerm):
         return criterion.kd_names(cfg, "kd_cross")
 
     def __call__(self, distiller: Distiller, out: StepOutputs) -> dict[str, Tensor]:
-        cross = distiller.cross_head_forward(out.student.head.taps, out.teacher.head.taps)
+        cross = distiller.cross_head_forward(out.student.head.taps, out.teacher_tap_stats)
         cross_flat = distiller.criterion.flatten(cross, out.image_sizes)
         return distiller.prediction_kd(cross_flat, out, "kd_cross")
 
@@ -97,6 +99,7 @@ class PKD(KDTerm):
     token = "pkd"
     weight_keys = ("pkd",)
     needs_teacher_head = False
+    needs_teacher_features = True
 
     def loss_names(self, criterion: DenseCriterion, cfg: DistillConfig) -> tuple[str, ...]:
         return ("kd_pkd",)

@@ -17,6 +17,7 @@ from crosskd_cli.distill import (
     TapAdapter,
     align_tap,
     cross_head_forward,
+    tap_stats,
 )
 from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.families import build_criterion
@@ -144,6 +145,65 @@ def test_the_aligned_tap_has_the_teachers_per_channel_mean_and_std():
     dims = (0, 2, 3)
     torch.testing.assert_close(aligned.mean(dims), teacher_tap.mean(dims), atol=1e-5, rtol=0)
     torch.testing.assert_close(aligned.std(dims), teacher_tap.std(dims), atol=1e-4, rtol=1e-4)
+
+
+def textbook_align(student_tap, teacher_tap):
+    """docs/method.md §2.4 as written: (s - mean_s) / std_s * std_t + mean_t."""
+    dims = (0, 2, 3)
+    t_mean = teacher_tap.mean(dims, keepdim=True)
+    t_std = teacher_tap.std(dims, keepdim=True) + 1e-6
+    s_mean = student_tap.mean(dims, keepdim=True)
+    s_std = student_tap.std(dims, keepdim=True) + 1e-6
+    return (student_tap - s_mean) / s_std * t_std + t_mean
+
+
+def test_alignment_is_the_textbook_formula_in_value_and_gradient_from_taps_or_their_stats():
+    torch.manual_seed(0)
+    teacher_tap = torch.randn(2, 4, 5, 6) * 2 + 1
+    weights = torch.randn(2, 4, 5, 6)
+    results = []
+    for align in (textbook_align, align_tap, lambda s, t: align_tap(s, tap_stats(t))):
+        student_tap = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1)) * 3 + 7
+        student_tap.requires_grad_(True)
+        aligned = align(student_tap, teacher_tap)
+        (aligned * weights).sum().backward()
+        results.append((aligned.detach(), student_tap.grad))
+    for value, grad in results[1:]:
+        torch.testing.assert_close(value, results[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_alignment_saves_no_activation_map_but_the_tap_for_the_backward():
+    """Memory: autograd may keep the student's tap (the cross pass holds it anyway) and
+    per-channel statistics, never a second map of the tap's size."""
+    torch.manual_seed(0)
+    student_tap = torch.randn(2, 8, 16, 16, requires_grad=True)
+    tap = student_tap * 1.0  # a non-leaf, as the student's block output is
+    stats = tap_stats(torch.randn(2, 8, 16, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        align_tap(tap, stats).relu_()
+    maps = [t for t in saved if t.numel() == tap.numel()]
+    assert maps, "the hooks saw the tap saved"
+    extra = [t for t in maps if t.data_ptr() != tap.data_ptr()]
+    # relu_ keeps its output (the cross pass's input, kept by the next conv anyway)
+    assert len(extra) <= 1
+
+
+def test_the_teacher_step_output_keeps_only_what_the_terms_read():
+    teacher, _, distiller = make_pair("crosskd")
+    batch = make_batch()
+    out, stats = distiller.teacher_forward(batch.images, batch.image_sizes)
+    assert out.head.taps == {} and out.features == []  # freed before the student runs
+    with torch.no_grad():
+        full = teacher(batch.images, batch.image_sizes, tap_index=3)
+    for tower, taps in full.head.taps.items():
+        for (mean, std), tap in zip(stats[tower], taps, strict=True):
+            torch.testing.assert_close(mean, tap.mean((0, 2, 3), keepdim=True))
+            torch.testing.assert_close(std, tap.std((0, 2, 3), keepdim=True) + 1e-6)
+    _, _, distiller = make_pair("crosskd+pkd")
+    out, _ = distiller.teacher_forward(batch.images, batch.image_sizes)
+    assert len(out.features) == len(full.features)  # PKD reads them
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
