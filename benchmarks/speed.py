@@ -14,6 +14,13 @@ sections:
   fp32 and each mixed precision the device runs natively (bf16 on a CPU with AVX512-BF16 or
   AMX; fp16 and bf16 on a GPU). Each also gets its peak memory: the peak RSS (GPU: peak
   allocated) of a fresh process that builds the models and runs only that step.
+- `floor`: the compute floor of each `distill` step on this machine: its multiply-accumulates
+  (convolutions and matrix products, forward and backward, counted by torch's
+  `FlopCounterMode`) at the best rate this machine's convolutions reach (the head's own 3x3
+  256->256 convolution on the step's largest FPN level, forward and backward, in each
+  precision), in yardsticks, and each measured step as a multiple of its floor. No code that
+  keeps the networks' arithmetic can run a step below its floor: it only leaves out what
+  is not a convolution or a matrix product (norms, activations, losses, the optimizer).
 - `inference`: images/second of the student and the teacher (forward + post-processing,
   fp32, as `crosskd eval` runs) at --size and at 1333x800.
 - `peers`: our RetinaNet-R50 and FCOS-R50 beside torchvision's `retinanet_resnet50_fpn` and
@@ -55,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -74,12 +82,15 @@ from crosskd_cli.runtime import (  # noqa: E402
 )
 from crosskd_cli.structures import Batch, Target  # noqa: E402
 
-SECTIONS = ("distill", "inference", "peers", "data", "metric")
+SECTIONS = ("distill", "floor", "inference", "peers", "data", "metric")
 METHODS = ("crosskd@0", "crosskd@1", "crosskd@2", "crosskd@3", "crosskd@4", "mimic", "pkd",
            "none", "teacher-forward")  # fmt: skip
 COCO_SIZE = (800, 1333)  # (h, w): MMDetection's test scale, 1333x800
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_BASE: dict[str, float] = {}  # "method precision" -> MB the imports alone took
+STEP_MACS: dict[str, float] = {}  # method -> multiply-accumulates of one training step
+CONV_MACS: dict[str, float] = {}  # precision -> MACs of the best convolution's figure
+BEST_CONV = "best conv: head 3x3 256->256, largest level, fwd+bwd"
 
 
 @dataclass
@@ -291,6 +302,78 @@ def memory_ratios(figures: list[Figure]) -> dict[str, float]:
         f"{name} {precision}": peak / peaks[(precision, "none")]
         for (precision, name), peak in peaks.items()
         if peak and peaks.get((precision, "none")) and name != "none"
+    }
+
+
+# ----------------------------------------------------------------------- floor
+
+
+def step_macs(work: Workload, method: str, device: torch.device) -> float:
+    """Multiply-accumulates of one training step of `method` (convolutions and matrix
+    products, forward and backward: torch's FLOP count / 2); the same in every precision."""
+    step = build_step(work, method, "fp32", device)
+    step()  # the optimizer's state exists from here on, as in a timed step
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 2
+
+
+def best_conv(work: Workload, precision: str, device: torch.device):
+    """(MACs, step) of this machine's best case: the head's 3x3 256->256 convolution on the
+    workload's largest FPN level (stride 8), forward then backward to its input and weight,
+    in the layout the training step uses."""
+    height, width = work.size
+    shape = (work.batch, 256, -(-height // 8), -(-width // 8))
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES.get(precision, torch.float32)
+    x = step_layout(torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(True))
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, dtype)
+    if work.fast:
+        to_train_layout(conv, device)
+
+    def forward_backward() -> None:
+        conv(x).sum().backward()
+        conv.weight.grad = x.grad = None
+
+    macs = 3 * 256 * 256 * 9 * shape[0] * shape[2] * shape[3]  # forward, input and weight grads
+    return macs, forward_backward
+
+
+def floor_section(args: argparse.Namespace, clock: Clock, device: torch.device) -> list[Figure]:
+    """The best convolution's figure per precision; fills STEP_MACS and CONV_MACS."""
+    work = workload(args)
+    figures = []
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    for method in methods:
+        STEP_MACS[method] = step_macs(work, method, device)
+    for precision in precisions(args, device):
+        macs, run = best_conv(work, precision, device)
+        seconds, ratio, runs = clock.time(run)
+        figure = Figure("floor", BEST_CONV, precision, seconds, ratio, runs=runs)
+        CONV_MACS[precision] = macs
+        figures.append(figure)
+        show(figure)
+    return figures
+
+
+def floor_ratios(figures: list[Figure]) -> dict[str, dict[str, float]]:
+    """Per step and precision: GMACs, the floor in yardsticks, and measured / floor."""
+    best = {f.precision: f for f in figures if f.section == "floor"}
+    gmacs, floors, over = {}, {}, {}
+    for f in figures:
+        if f.section != "distill" or f.name not in STEP_MACS or f.precision not in best:
+            continue
+        key = f"{f.name} {f.precision}"
+        macs_per_yardstick = CONV_MACS[f.precision] / best[f.precision].yardsticks
+        gmacs[key] = STEP_MACS[f.name] / 1e9
+        floors[key] = STEP_MACS[f.name] / macs_per_yardstick
+        over[key] = f.yardsticks / floors[key]
+    for precision, f in best.items():
+        gmacs[f"{BEST_CONV} {precision}, GMAC/s"] = CONV_MACS[precision] / f.seconds / 1e9
+    return {
+        "GMAC per step (and the best convolution's GMAC/s)": gmacs,
+        "compute floor, yardsticks (MACs at the best convolution's rate)": floors,
+        "measured step / its compute floor": over,
     }
 
 
@@ -568,7 +651,7 @@ def markdown(figures: list[Figure], extra: dict[str, dict[str, float]]) -> str:
                          f"{f.images_per_s:.2f} | {peak} |")  # fmt: skip
     for title, ratios in extra.items():
         if ratios:
-            lines += [f"\n### {title}\n", "| | ratio |", "|---|---|"]
+            lines += [f"\n### {title}\n", "| | value |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
 
@@ -660,6 +743,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: list[Figure] = []
     if "distill" in sections:
         figures += distill_section(args, clock, device)
+    if "floor" in sections:
+        figures += floor_section(args, clock, device)
     if "inference" in sections:
         figures += inference_section(args, clock, device)
     if "peers" in sections:
@@ -673,6 +758,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ours / torchvision": peer_ratios(figures),
         "peak memory / the student-only step's": memory_ratios(figures),
         "MB after the imports alone (in every peak memory)": MEMORY_BASE,
+        **floor_ratios(figures),
     }
     table = markdown(figures, extra)
     print(table)

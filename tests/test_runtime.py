@@ -195,7 +195,7 @@ def test_the_speed_benchmark_runs_and_writes_every_figure_in_yardsticks(tmp_path
     report = speed.main(
         ["--teacher", "shapes-gfl-r34", "--student", "shapes-gfl-r18", "--size", "64",
          "--batch", "2", "--warmup", "0", "--repeats", "1", "--slow-repeats", "1",
-         "--yardstick-size", "32", "--sections", "distill,metric", "--precisions", "fp32",
+         "--yardstick-size", "32", "--sections", "distill,floor,metric", "--precisions", "fp32",
          "--methods", "crosskd@3,none,teacher-forward", "--no-memory",
          "--metric-images", "5", "--json", str(out)]
     )  # fmt: skip
@@ -205,10 +205,22 @@ def test_the_speed_benchmark_runs_and_writes_every_figure_in_yardsticks(tmp_path
         ("distill", "crosskd@3"),
         ("distill", "none"),
         ("distill", "teacher-forward"),
+        ("floor", speed.BEST_CONV),
         ("metric", "5 images x 100 detections, faster"),
         ("metric", "5 images x 100 detections, pycocotools"),
     ]
     assert all(f["yardsticks"] > 0 and f["seconds"] > 0 for f in written["figures"])
+    # the compute floor: the CrossKD step does the student's work, the teacher's forward and
+    # the cross branch's forward and backward; each step's floor is its MACs at the best rate
+    gmac = written["GMAC per step (and the best convolution's GMAC/s)"]
+    assert gmac["crosskd@3 fp32"] > gmac["none fp32"] + gmac["teacher-forward fp32"] > 0
+    floors = written["compute floor, yardsticks (MACs at the best convolution's rate)"]
+    over = written["measured step / its compute floor"]
+    for name, floor in floors.items():
+        assert floor == pytest.approx(floors["none fp32"] * gmac[name] / gmac["none fp32"])
+        assert over[name] == pytest.approx(
+            next(f["yardsticks"] for f in written["figures"] if f"{f['name']} fp32" == name) / floor
+        )
     ratio = written["KD step / (student step + teacher forward)"]["crosskd@3 fp32"]
     assert ratio == pytest.approx(
         report["figures"][0]["yardsticks"]
