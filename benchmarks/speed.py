@@ -259,6 +259,10 @@ def measure_memory(args: argparse.Namespace, method: str, precision: str) -> flo
     return measured["peak_mb"]
 
 
+def selected_methods(args: argparse.Namespace) -> list[str]:
+    return args.methods.split(",") if args.methods else list(METHODS)
+
+
 def precisions(args: argparse.Namespace, device: torch.device) -> list[str]:
     if args.precisions:
         return args.precisions.split(",")
@@ -270,7 +274,7 @@ def precisions(args: argparse.Namespace, device: torch.device) -> list[str]:
 def distill_section(args: argparse.Namespace, clock: Clock, device: torch.device) -> list[Figure]:
     work = workload(args)
     figures = []
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = selected_methods(args)
     for precision in precisions(args, device):
         for method in methods:
             step = build_step(work, method, precision, device)
@@ -345,7 +349,7 @@ def floor_section(args: argparse.Namespace, clock: Clock, device: torch.device) 
     """The best convolution's figure per precision; fills STEP_MACS and CONV_MACS."""
     work = workload(args)
     figures = []
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = selected_methods(args)
     for method in methods:
         STEP_MACS[method] = step_macs(work, method, device)
     for precision in precisions(args, device):

@@ -35,14 +35,16 @@ class TapStats(NamedTuple):
     std: Tensor
 
 
-def tap_stats(tap: Tensor) -> TapStats:
-    """Per-channel mean and unbiased std + 1e-6 over (N, H, W), as constants (docs/method.md
-    §2.4)."""
+def channel_stats(tap: Tensor) -> TapStats:
+    """Per-channel mean and unbiased std + 1e-6 over (N, H, W) (docs/method.md §2.4), in the
+    graph when the tap is."""
     dims = (0, 2, 3)
-    return TapStats(
-        tap.mean(dim=dims, keepdim=True).detach(),
-        tap.std(dim=dims, keepdim=True).detach() + ALIGN_EPS,
-    )
+    return TapStats(tap.mean(dim=dims, keepdim=True), tap.std(dim=dims, keepdim=True) + ALIGN_EPS)
+
+
+def tap_stats(tap: Tensor) -> TapStats:
+    """`channel_stats` as constants: what alignment reads of a teacher tap."""
+    return channel_stats(tap.detach())
 
 
 def align_tap(student_tap: Tensor, teacher: Tensor | TapStats) -> Tensor:
@@ -57,9 +59,7 @@ def align_tap(student_tap: Tensor, teacher: Tensor | TapStats) -> Tensor:
     (one activation map per level and tower less at the step's peak).
     """
     t_mean, t_std = teacher if isinstance(teacher, TapStats) else tap_stats(teacher)
-    dims = (0, 2, 3)
-    s_mean = student_tap.mean(dim=dims, keepdim=True)
-    s_std = student_tap.std(dim=dims, keepdim=True) + ALIGN_EPS
+    s_mean, s_std = channel_stats(student_tap)
     scale = t_std / s_std
     return torch.addcmul(t_mean - s_mean * scale, student_tap, scale)
 
