@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosskd_cli.postprocess import postprocess, scale_boxes_to_original
+from crosskd_cli.postprocess import (
+    candidates,
+    postprocess,
+    postprocess_padded,
+    scale_boxes_to_original,
+)
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.structures import HeadOutput
 
@@ -83,3 +88,89 @@ def test_a_box_that_clamps_to_zero_width_is_dropped_and_an_empty_image_has_typed
 def test_scale_boxes_to_original_divides_by_each_axis_scale():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
     assert scale_boxes_to_original(boxes, (0.5, 2.0)).tolist() == [[20.0, 10.0, 60.0, 20.0]]
+
+
+# RetinaNet's 9 anchors per location (3 scales x 3 ratios), 3 classes
+RETINANET = ModelSpec(
+    family="retinanet",
+    num_classes=3,
+    octave_base_scale=4,
+    scales_per_octave=3,
+    anchor_ratios=(0.5, 1.0, 2.0),
+)
+RETINA_SIDES = [16, 8, 4, 2, 1]  # a 128 x 128 batch, strides 8..128
+
+
+def retinanet_head(centre: float, spread: float, dtype: torch.dtype) -> HeadOutput:
+    gen = torch.Generator().manual_seed(0)
+    cls = [
+        (torch.randn(2, 27, s, s, generator=gen) * spread + centre).to(dtype) for s in RETINA_SIDES
+    ]
+    box = [torch.randn(2, 36, s, s, generator=gen) * 0.2 for s in RETINA_SIDES]
+    return HeadOutput(cls, box)
+
+
+CASES = [
+    (-3.5, 0.4, torch.float32),  # ~12% within reach of the threshold: the selection by logit
+    (-3.5, 0.4, torch.bfloat16),  # the same with half-precision logits (many equal scores)
+    (-1.0, 1.0, torch.float32),  # most pass (an untrained head): every pair's top k
+]
+
+
+@pytest.mark.parametrize(("centre", "spread", "dtype"), CASES)
+def test_image_by_image_selection_keeps_the_pairs_of_the_fixed_shape_top_k(centre, spread, dtype):
+    """`postprocess` picks each level's pairs above the threshold first, then their top 1000
+    (fast when few pass); the exported graph's fixed-shape path takes the top 1000 of every
+    pair, then the threshold. The same pairs, right at the threshold too."""
+    out = retinanet_head(centre, spread, dtype)
+    near = sum(((c.float().sigmoid() - 0.05).abs() < 1e-3).sum().item() for c in out.cls_logits)
+    assert near > 20  # pairs within 0.001 of the threshold, on either side
+    max_shape = torch.tensor([[[128.0, 128.0]], [[100.0, 120.0]]])
+    every = candidates(out, max_shape, RETINANET, 1000)
+    for b in range(2):
+        one = HeadOutput(
+            *([x[b : b + 1] for x in maps] for maps in (out.cls_logits, out.box_preds))
+        )
+        picked = candidates(one, max_shape[b : b + 1], RETINANET, 1000, score_thr=0.05)
+        cls_scores, _, labels, boxes = (x[0] for x in picked)
+        above = every[0][b] > 0.05
+        assert 0 < len(labels) == above.sum() < len(every[0][b])
+        ours = by_label_and_box(boxes, cls_scores, labels)
+        theirs = by_label_and_box(every[3][b][above], every[0][b][above], every[2][b][above])
+        assert torch.equal(ours[2], theirs[2])
+        # to the last bit but one: a sigmoid rounds the tail of its vector loop differently
+        torch.testing.assert_close(ours[1], theirs[1], rtol=3e-7, atol=0)
+        torch.testing.assert_close(ours[0], theirs[0], rtol=3e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize(("centre", "spread", "dtype"), [c for c in CASES if c[2] == torch.float32])
+def test_postprocess_gives_the_exported_graphs_detections(centre, spread, dtype):
+    out = retinanet_head(centre, spread, dtype)
+    sizes = [(128, 128), (100, 120)]
+    boxes, scores, labels, counts = postprocess_padded(out, torch.tensor(sizes), RETINANET)
+    for k, dets in enumerate(postprocess(out, sizes, RETINANET)):
+        n = len(dets.labels)
+        assert n == counts[k] > 0
+        assert torch.equal(dets.labels, labels[k, :n])
+        torch.testing.assert_close(dets.scores, scores[k, :n], rtol=3e-7, atol=0)
+        torch.testing.assert_close(dets.boxes, boxes[k, :n], rtol=3e-7, atol=1e-5)
+
+
+def by_label_and_box(boxes, scores, labels):
+    """Detections sorted by (label, box, score): the order of equal scores is the selection's
+    own (boxes clamped to the image border can be equal too)."""
+    keys = [(labels[i].item(), *boxes[i].tolist(), scores[i].item()) for i in range(len(labels))]
+    order = sorted(range(len(labels)), key=keys.__getitem__)
+    return boxes[order], scores[order], labels[order]
+
+
+def test_channels_last_head_outputs_give_the_same_detections():
+    out = retinanet_head(-3.5, 0.4, torch.float32)
+    strided = HeadOutput(
+        [c.contiguous(memory_format=torch.channels_last) for c in out.cls_logits],
+        [b.contiguous(memory_format=torch.channels_last) for b in out.box_preds],
+    )
+    sizes = [(128, 128), (100, 120)]
+    expected = postprocess(out, sizes, RETINANET)
+    for plain, other in zip(expected, postprocess(strided, sizes, RETINANET), strict=True):
+        assert torch.equal(plain.labels, other.labels) and torch.equal(plain.boxes, other.boxes)
