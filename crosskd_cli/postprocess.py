@@ -148,12 +148,7 @@ def postprocess(
         ]
     detections = []
     for b in range(len(image_sizes)):  # image by image: each keeps its own number of pairs
-        one = HeadOutput(
-            [x[b : b + 1] for x in head_out.cls_logits],
-            [x[b : b + 1] for x in head_out.box_preds],
-            [x[b : b + 1] for x in head_out.centerness],
-        )
-        found = candidates(one, max_shape[b : b + 1], spec, pre_nms_top_k, score_thr)
+        found = candidates(head_out.image(b), max_shape[b : b + 1], spec, pre_nms_top_k, score_thr)
         cls_scores, scores, labels, boxes = (x[0] for x in found)
         detections.append(
             _nms_one_image(boxes, cls_scores, scores, labels, score_thr, iou, max_per_image)

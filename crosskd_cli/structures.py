@@ -67,6 +67,14 @@ class HeadOutput:
     centerness: list[Tensor] = field(default_factory=list)
     taps: dict[str, list[Tensor]] = field(default_factory=dict)
 
+    def image(self, b: int) -> HeadOutput:
+        """Image `b`'s predictions as a batch of one (views, no copy; taps left out)."""
+        return HeadOutput(
+            [x[b : b + 1] for x in self.cls_logits],
+            [x[b : b + 1] for x in self.box_preds],
+            [x[b : b + 1] for x in self.centerness],
+        )
+
 
 @dataclass
 class DetectorOutput:

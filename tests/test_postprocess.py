@@ -128,10 +128,7 @@ def test_image_by_image_selection_keeps_the_pairs_of_the_fixed_shape_top_k(centr
     max_shape = torch.tensor([[[128.0, 128.0]], [[100.0, 120.0]]])
     every = candidates(out, max_shape, RETINANET, 1000)
     for b in range(2):
-        one = HeadOutput(
-            *([x[b : b + 1] for x in maps] for maps in (out.cls_logits, out.box_preds))
-        )
-        picked = candidates(one, max_shape[b : b + 1], RETINANET, 1000, score_thr=0.05)
+        picked = candidates(out.image(b), max_shape[b : b + 1], RETINANET, 1000, score_thr=0.05)
         cls_scores, _, labels, boxes = (x[0] for x in picked)
         above = every[0][b] > 0.05
         assert 0 < len(labels) == above.sum() < len(every[0][b])
