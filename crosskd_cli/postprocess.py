@@ -21,7 +21,7 @@ from torchvision.ops import batched_nms, nms
 from crosskd_cli.box_coders import BoxCoder
 from crosskd_cli.families import get_family
 from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import Detections, HeadOutput
+from crosskd_cli.structures import Detections, HeadOutput, upcast
 from crosskd_cli.targets import AnchorGrid, flatten_levels
 
 SCORE_THR = 0.05
@@ -56,7 +56,7 @@ def _level_candidates(
     (one image, B = 1): only the pairs whose class score passes it, k at most.
     """
     if score_thr is None:  # fixed shapes (the exported graph): every pair competes
-        scores = flatten_levels([cls_logits], per_location).flatten(1).float().sigmoid()
+        scores = upcast(flatten_levels([cls_logits], per_location).flatten(1)).sigmoid()
         # sym_min: a plain min while exporting would pin the traced image size
         scores, index = scores.topk(torch.sym_min(k, scores.shape[1]), dim=1)  # highest first
     else:  # one image: the pairs above the threshold, then their top k
@@ -67,10 +67,10 @@ def _level_candidates(
     box = box.gather(1, prior[..., None].expand(-1, -1, box.shape[-1]))
     with torch.autocast(box.device.type, enabled=False):  # fp32 decode even under autocast
         strides = torch.full(prior.shape, float(stride), device=box.device)
-        boxes = coder.decode(priors[prior], strides, box.float(), max_shape)
+        boxes = coder.decode(priors[prior], strides, upcast(box), max_shape)
     final = scores
     if centerness is not None:
-        factor = flatten_levels([centerness], per_location).squeeze(-1).float().sigmoid()
+        factor = upcast(flatten_levels([centerness], per_location).squeeze(-1)).sigmoid()
         final = scores * factor.gather(1, prior)
     return scores, final, labels, boxes
 
@@ -94,13 +94,13 @@ def _above_threshold_top_k(logits: Tensor, score_thr: float, k: int) -> tuple[Te
     channels, height, width = logits.shape
     passing = logits > _logit_below(score_thr)
     if int(passing.count_nonzero()) > passing.numel() // 4:
-        scores = logits.permute(1, 2, 0).reshape(-1).float().sigmoid()  # (prior, class) order
+        scores = upcast(logits.permute(1, 2, 0).reshape(-1)).sigmoid()  # (prior, class) order
         scores, index = scores.topk(min(k, scores.numel()))
     else:
         where = passing.reshape(-1).nonzero()[:, 0]  # (channel, y, x) order
         channel, location = where // (height * width), where % (height * width)
         index, order = (location * channels + channel).sort()  # (prior, class) order
-        scores = logits.reshape(-1)[where[order]].float().sigmoid()
+        scores = upcast(logits.reshape(-1)[where[order]]).sigmoid()
     above = scores > score_thr
     scores, index = scores[above], index[above]
     if scores.numel() > k:

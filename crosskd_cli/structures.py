@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def upcast(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32, any other dtype as it is: losses and decoding run in fp32 under mixed
+    precision, and a model built in float64 (the equivalence tests, which take rounding out of
+    the question) stays in float64 end to end."""
+    return t.float() if t.dtype in LOW_PRECISION else t
+
 
 @dataclass
 class Target:

@@ -15,6 +15,23 @@ from PIL import Image
 # Rich wraps at the terminal width; a wide one keeps asserted CLI messages on one line.
 os.environ["COLUMNS"] = "200"
 
+# float32 outputs of one model computed by other kernels (another CPU's instruction set, ONNX
+# Runtime, torch.export) agree to this share of each tensor's largest magnitude, ~800 float32
+# ulps of it: seen up to 7.5e-6 (tests/test_v010_checkpoints.py says where).
+OUTPUT_RTOL = 1e-4
+
+
+def assert_close_to_scale(
+    mine: torch.Tensor, theirs: torch.Tensor, name: str, rtol: float = OUTPUT_RTOL
+) -> None:
+    """Same shape and dtype, every element within `rtol` of `theirs`' largest magnitude: the
+    comparison float32 rounding across kernels allows, where an elementwise relative one
+    fails on near-zero elements and an absolute one depends on the tensor's scale."""
+    assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, name
+    scale = theirs.abs().max().item() if theirs.numel() else 0.0
+    apart = (mine - theirs).abs().max().item() if theirs.numel() else 0.0
+    assert apart <= rtol * scale, f"{name}: apart by {apart:.3g}, largest {scale:.3g}"
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):

@@ -339,3 +339,27 @@ def test_incompatible_pairs_say_what_differs():
     ]
     assert pair_problems(wide_teacher, STUDENT, 2, adapter=True) == []
     assert pair_problems(wide_teacher, STUDENT, 0) == []  # index 0 taps the equal FPN widths
+
+
+@pytest.mark.parametrize("family", ["gfl", "retinanet", "atss", "fcos"])
+def test_a_pair_built_in_float64_distills_in_float64_as_its_float32_twin(family):
+    """Every loss and gradient stays in float64 when the models are built in it (what the
+    equivalence tests across processes rely on to take rounding out), and is the float32
+    step's to float32 precision; under bf16 autocast the losses are float32 as before."""
+    spec = replace(STUDENT, family=family)
+    torch.manual_seed(0)
+    teacher = build_detector(replace(spec, backbone="resnet34")).eval().requires_grad_(False)
+    student = build_detector(spec).train()
+    cfg = DistillConfig(method="crosskd+mimic", cross_index=2)
+    wide = {}
+    for dtype in (torch.float32, torch.float64):
+        pair = (teacher.to(dtype), student.to(dtype))
+        losses = Distiller(pair[0], build_criterion(spec), cfg).step(pair[1], make_batch())
+        assert {v.dtype for v in losses.values()} == {dtype}
+        wide[dtype] = {k: v.item() for k, v in losses.items()}
+    for name, value in wide[torch.float64].items():
+        assert wide[torch.float32][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    teacher, student = teacher.float(), student.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = Distiller(teacher, build_criterion(spec), cfg).step(student, make_batch())
+    assert {v.dtype for v in losses.values()} == {torch.float32}

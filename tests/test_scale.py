@@ -3,21 +3,30 @@
 Conditions under which 2 processes x batch 2 must equal 1 process x batch 4 (docs/method.md
 §4.1): images of one size (one padding), no flip, a backbone with frozen BN (a random state
 dict given as --backbone-weights), alignment off (its statistics are per process), the plain step
-(`train.fast_step=false`: the fast step's channels-last kernels round a batch of 2 differently
-from a batch of 4, and this random student amplifies that to a few % of an update by step 3;
-tests/test_runtime.py holds the fast step's accumulated gradients to the plain step's), and loss
-normalisers above their floor of 1 (a student whose class bias is 0, so that GFL's box
-weights sum past 1 on every process).
+(`train.fast_step=false`), and loss normalisers above their floor of 1 (a student whose class
+bias is 0, so that GFL's box weights sum past 1 on every process).
 
-Tolerance: losses to 1e-4 relative (KD terms are small: 1e-3), weights to 1e-4 absolute
-after 3 SGD steps that move them by about 4e-2. The two runs add the same numbers in another
-order (DDP sums gradients over processes, a batch of 4 sums them over images), which in fp32
-differs in the last bits and is amplified a little by momentum; a wrong normaliser or a
-duplicated image differs by the size of the update itself.
+The runs compute in float64 (`float64()` here, `FLOAT64_MAIN` for launched processes): the
+equivalence is exact, and float64 takes the CPU's rounding out of the question. In float32 it
+cannot be tested on every CPU: the first step's gradients of this random student carry a
+relative error of 1e-3 (heads) to 1e-2 (backbone) against float64's in every loss term alike
+(sums of many products that nearly cancel), while a one-ulp change of the weights moves the
+float64 gradient by 1e-6: no ties, only cancellation. Any other summation order (DDP's sum over
+processes against a batch's sum over images; the convolution kernels oneDNN picks for a batch
+of 2 or 4 and for the CPU's instruction set) then changes each update by that much, compounding
+over 3 momentum steps: weights 1 x 4 against 2 x 2 apart by 0.3% of their movement on an AMD
+EPYC (AVX-512), 7% with oneDNN held to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`), most of it on an Intel
+Xeon with AMX. In float64 they agree to 1e-10 of their movement on both (measured 2026-12-05).
+
+Tolerance: each weight tensor within 1e-6 of how far it moved (UPDATE_RTOL), losses to 1e-6
+relative (logged in float32). A wrong normaliser or a duplicated image differs by the size of
+the update itself: the tests below that break the equivalence on purpose show the comparison
+then fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +36,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_coco
+from accelerate import Accelerator
+from conftest import make_coco, one_thread
 from safetensors.torch import load_file
 from test_ddp import free_port
 from typer.testing import CliRunner
@@ -37,7 +47,22 @@ from crosskd_cli.cli import app
 from crosskd_cli.config import load_preset
 from crosskd_cli.models import build_detector
 
-LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
+LOSS_RTOL, UPDATE_RTOL = 1e-6, 1e-6
+
+# crosskd as a launched process computes in float64; {patch} may break it on purpose
+FLOAT64_MAIN = """
+import sys
+import torch
+torch.set_default_dtype(torch.float64)
+{patch}
+from crosskd_cli.cli import app
+app(sys.argv[1:], prog_name="crosskd")
+"""
+# A bug that equivalence tests exist to catch: each process normalises by its own counts
+PER_PROCESS_NORMALISER = """
+from crosskd_cli import engine
+engine.Trainer.reduce_mean = lambda self, value: value
+"""
 
 
 def make_pair(root: Path, preset: str, same_boxes: bool) -> dict[str, Path]:
@@ -105,18 +130,34 @@ def launch(launcher: str, log: Path, *args: str) -> tuple[int, str]:
     return code, log.read_text()
 
 
-def one_process(*args: str):
-    """In this process, on one thread as each launched process (OMP_NUM_THREADS=1): with
-    another thread count the kernels add in another order, and on this random student the
-    ties that order breaks move the weights by a third of the update."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@contextlib.contextmanager
+def float64():
+    """Models, data and losses in float64 (the models are built in the default dtype), on one
+    thread as each launched process (OMP_NUM_THREADS=1)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     try:
-        result = CliRunner().invoke(app, list(args))
+        with one_thread():
+            yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+
+
+def one_process(*args: str):
+    """crosskd in this process, in float64."""
+    with float64():
+        result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, result.output
     return result
+
+
+def launch_float64(
+    root: Path, name: str, *args: str, launcher: str = "accelerate", patch: str = ""
+) -> tuple[int, str]:
+    """crosskd as 2 processes (`launch`), in float64, with `patch` run first."""
+    driver = root / f"{name}.py"
+    driver.write_text(FLOAT64_MAIN.format(patch=patch))
+    return launch(launcher, root / f"{name}.log", str(driver), *args)
 
 
 def records(run: Path) -> list[dict]:
@@ -124,7 +165,12 @@ def records(run: Path) -> list[dict]:
 
 
 def assert_same_training(one: Path, two: Path) -> None:
-    """Same losses at every iteration (the mean over processes), same lr, same weights."""
+    assert_same_losses(one, two)
+    assert_same_weights(one, two)
+
+
+def assert_same_losses(one: Path, two: Path) -> None:
+    """Same losses at every iteration (the mean over processes), same lr."""
     a, b = records(one), records(two)
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
@@ -133,12 +179,21 @@ def assert_same_training(one: Path, two: Path) -> None:
         for key in losses:
             assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL), (ra["iteration"], key)
         assert rb["lr"] == ra["lr"]
+
+
+def assert_same_weights(one: Path, two: Path) -> None:
+    """Each weight tensor within UPDATE_RTOL of how far the run moved it."""
     wa, wb = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
     start = load_file(one.parent / "files" / "student.safetensors")
-    moved = max((wa[k] - start[k]).abs().max().item() for k in wa)
-    assert moved > 100 * WEIGHT_ATOL  # the runs trained: equal weights are not the start's
+    assert wa["head.cls_predictor.weight"].dtype == torch.float64
+    moved = {k: (wa[k] - start[k]).abs().max().item() for k in wa}
+    assert max(moved.values()) > 1e-4  # the runs trained: equal weights are not the start's
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=WEIGHT_ATOL, msg=key)
+        apart = (wb[key] - wa[key]).abs().max().item()
+        assert apart <= UPDATE_RTOL * moved[key], (
+            f"{key}: apart by {apart:.3g}, {apart / max(moved[key], 1e-300):.3g} of how far it "
+            f"moved ({moved[key]:.3g})"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +212,7 @@ def gfl_two(gfl):
     root, files = gfl
     args = distill_args(files, "shapes-gfl-r50-to-r18", "crosskd+mimic", root / "two",
                         "--set", "train.batch_size=2", "--eval-teacher")  # fmt: skip
-    code, output = launch("accelerate", root / "two.log", *args)
+    code, output = launch_float64(root, "two", *args)
     assert code == 0, output[-3000:]
     return root / "two", output
 
@@ -179,19 +234,60 @@ def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(gfl, gfl_two):
     assert two_meta.training["processes"] == 2
 
 
-def test_accumulating_2_forwards_of_batch_2_trains_as_batch_4(tmp_path):
+@pytest.fixture(scope="module")
+def retinanet(tmp_path_factory):
+    """The RetinaNet pair's files, every image holding the same two boxes, and its
+    one-process reference: batch 4."""
+    root = tmp_path_factory.mktemp("retinanet")
+    files = make_pair(root / "files", "shapes-retinanet-r34-to-r18", same_boxes=True)
+    one_process(*distill_args(files, "shapes-retinanet-r34-to-r18", "crosskd+mimic",
+                              root / "one", "--set", "train.batch_size=4"))  # fmt: skip
+    return root, files
+
+
+def accumulate_2_of_batch_2(retinanet, out: Path):
+    _, files = retinanet
+    return one_process(*distill_args(files, "shapes-retinanet-r34-to-r18", "crosskd+mimic", out,
+                                     "--set", "train.batch_size=2",
+                                     "--set", "train.grad_accum=2"))  # fmt: skip
+
+
+def test_accumulating_2_forwards_of_batch_2_trains_as_batch_4(retinanet, tmp_path):
     """In one process. Each forward is normalised by its own positives (docs/method.md §4.1),
     so the equality needs forwards with equal normalisers: RetinaNet's are counts of the
     ground truth's positives, equal here where every image holds the same two boxes."""
-    pair = "shapes-retinanet-r34-to-r18"
-    files = make_pair(tmp_path / "files", pair, same_boxes=True)
-    one_process(*distill_args(files, pair, "crosskd+mimic", tmp_path / "one",
-                              "--set", "train.batch_size=4"))  # fmt: skip
-    result = one_process(*distill_args(files, pair, "crosskd+mimic", tmp_path / "accumulated",
-                                       "--set", "train.batch_size=2",
-                                       "--set", "train.grad_accum=2"))  # fmt: skip
+    root, _ = retinanet
+    result = accumulate_2_of_batch_2(retinanet, tmp_path / "accumulated")
     assert "lr 0.0025 = 0.01 x total batch 4 images (1 process x 2 images x 2" in result.output
-    assert_same_training(tmp_path / "one", tmp_path / "accumulated")
+    assert_same_training(root / "one", tmp_path / "accumulated")
+
+
+def test_the_equivalence_tests_fail_on_a_normaliser_kept_per_process(gfl, tmp_path):
+    """The comparison can fail: each process normalising by its own positives (the bug the
+    process test exists for) moves losses and weights by far more than UPDATE_RTOL."""
+    root, files = gfl
+    args = distill_args(files, "shapes-gfl-r50-to-r18", "crosskd+mimic", tmp_path / "two",
+                        "--set", "train.batch_size=2")  # fmt: skip
+    code, output = launch_float64(tmp_path, "two", *args, patch=PER_PROCESS_NORMALISER)
+    assert code == 0, output[-3000:]
+    with pytest.raises(AssertionError):
+        assert_same_losses(root / "one", tmp_path / "two")
+    with pytest.raises(AssertionError, match="of how far it moved"):
+        assert_same_weights(root / "one", tmp_path / "two")
+
+
+def test_the_equivalence_tests_fail_on_accumulated_losses_left_undivided(
+    retinanet, tmp_path, monkeypatch
+):
+    """The comparison can fail: an accumulating step that sums its forwards' gradients without
+    dividing each by their number (as Accelerate does) trains with twice the gradient."""
+    root, _ = retinanet
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kwargs: loss.backward())
+    accumulate_2_of_batch_2(retinanet, tmp_path / "accumulated")
+    with pytest.raises(AssertionError, match="^[(]2, "):  # the first step's losses are right
+        assert_same_losses(root / "one", tmp_path / "accumulated")
+    with pytest.raises(AssertionError, match="of how far it moved"):
+        assert_same_weights(root / "one", tmp_path / "accumulated")
 
 
 def test_a_two_process_run_resumes_in_one_process_with_the_same_total_batch(gfl, gfl_two):
@@ -215,8 +311,9 @@ def test_eval_in_two_processes_gives_the_one_process_metrics_exactly(
     data, checkpoint, _ = mixed_size_checkpoint
     one_process("eval", str(checkpoint), "--data", data.spec, "--batch-size", "2", "-o",
                 str(tmp_path / "one"))  # fmt: skip
-    code, output = launch("torchrun", tmp_path / "two.log", "eval", str(checkpoint), "--data",
-                          data.spec, "--batch-size", "2", "-o", str(tmp_path / "two"))  # fmt: skip
+    code, output = launch_float64(tmp_path, "two", "eval", str(checkpoint), "--data", data.spec,
+                                  "--batch-size", "2", "-o", str(tmp_path / "two"),
+                                  launcher="torchrun")  # fmt: skip
     assert code == 0, output[-3000:]
     assert output.count("Wrote ") == 1  # the main process writes, once
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -312,9 +409,10 @@ def test_each_method_under_torchrun_trains_as_one_process(tmp_path, method):
     pair = "shapes-gfl-r50-to-r18"
     one_process(*distill_args(files, pair, method, tmp_path / "one", "--set",
                               "train.batch_size=4"))  # fmt: skip
-    code, output = launch("torchrun", tmp_path / "two.log",
-                          *distill_args(files, pair, method, tmp_path / "two", "--set",
-                                        "train.batch_size=2"))  # fmt: skip
+    code, output = launch_float64(tmp_path, "two",
+                                  *distill_args(files, pair, method, tmp_path / "two", "--set",
+                                                "train.batch_size=2"),
+                                  launcher="torchrun")  # fmt: skip
     assert code == 0, output[-3000:]
     assert_same_training(tmp_path / "one", tmp_path / "two")
 
@@ -330,9 +428,10 @@ def test_per_process_alignment_and_pkd_statistics_stay_close_to_one_process(tmp_
     aligned = ["--set", "distill.align=true"]
     one_process(*distill_args(files, pair, "crosskd+pkd", tmp_path / "one", *aligned,
                               "--set", "train.batch_size=4"))  # fmt: skip
-    code, output = launch("torchrun", tmp_path / "two.log",
-                          *distill_args(files, pair, "crosskd+pkd", tmp_path / "two", *aligned,
-                                        "--set", "train.batch_size=2"))  # fmt: skip
+    code, output = launch_float64(tmp_path, "two",
+                                  *distill_args(files, pair, "crosskd+pkd", tmp_path / "two",
+                                                *aligned, "--set", "train.batch_size=2"),
+                                  launcher="torchrun")  # fmt: skip
     assert code == 0, output[-3000:]
     for ra, rb in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
         for key, rel in (("kd_cross_cls", 0.03), ("kd_cross_box", 0.03), ("kd_pkd", 0.2)):

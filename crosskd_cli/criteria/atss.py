@@ -52,7 +52,9 @@ class ATSSCriterion(RetinaNetCriterion):
         loss_cls = focal_loss(flat.cls, targets.labels, targets.label_weights)
         giou = giou_loss(self.decode(flat), positive_boxes(flat, targets), centerness, "sum")
         centerness_sum = targets.centerness_sum.clamp(min=1.0)
-        bce = F.binary_cross_entropy_with_logits(flat.centerness, centerness, reduction="none")
+        # targets come in float32 (the priors'); the loss takes the outputs' dtype
+        target = centerness.to(flat.centerness.dtype)
+        bce = F.binary_cross_entropy_with_logits(flat.centerness, target, reduction="none")
         w = self.loss_weights
         return {
             "loss_cls": w["loss_cls"] * loss_cls / targets.num_pos,

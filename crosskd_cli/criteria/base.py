@@ -21,7 +21,7 @@ from crosskd_cli.box_coders import BoxCoder
 from crosskd_cli.config import DistillConfig
 from crosskd_cli.losses import bce_kd_loss, giou_loss, qfl_kd_loss
 from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import HeadOutput, Target
+from crosskd_cli.structures import HeadOutput, Target, upcast
 from crosskd_cli.targets import AnchorGrid, AnchorSet, DenseTargets, flatten_levels, pad_targets
 
 ReduceMean = Callable[[Tensor], Tensor]
@@ -49,9 +49,9 @@ class FlatOutputs:
         return self.anchors.strides
 
     def float(self) -> FlatOutputs:
-        """The same outputs in fp32 (the losses' precision)."""
-        centerness = None if self.centerness is None else self.centerness.float()
-        return FlatOutputs(self.cls.float(), self.box.float(), centerness, self.anchors, self.valid)
+        """The same outputs in fp32 (the losses' precision), or float64 if built so."""
+        centerness = None if self.centerness is None else upcast(self.centerness)
+        return FlatOutputs(upcast(self.cls), upcast(self.box), centerness, self.anchors, self.valid)
 
 
 def identity(t: Tensor) -> Tensor:

@@ -65,7 +65,9 @@ class FCOSCriterion(DenseCriterion):
         loss_cls = focal_loss(flat.cls, targets.labels, targets.label_weights)
         # Off positives the target is a zero box: IoU 0, -ln clamps it, and the weight is 0
         iou = iou_loss(self.decode(flat), targets.bbox_targets, centerness, "sum")
-        bce = F.binary_cross_entropy_with_logits(flat.centerness, centerness, reduction="none")
+        # targets come in float32 (the priors'); the loss takes the outputs' dtype
+        target = centerness.to(flat.centerness.dtype)
+        bce = F.binary_cross_entropy_with_logits(flat.centerness, target, reduction="none")
         w = self.loss_weights
         return {
             "loss_cls": w["loss_cls"] * loss_cls / targets.num_pos,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from crosskd_cli.errors import ModelError
-from crosskd_cli.structures import HeadOutput
+from crosskd_cli.structures import HeadOutput, upcast
 
 TOWERS = ("cls", "reg")  # the classification tower feeds cls_predictor, the box tower the rest
 
@@ -158,7 +158,7 @@ class DenseHead(nn.Module):
         if self.scales is not None:
             box = self.scales[level](box)
         if self.box_fp32:
-            box = box.float()
+            box = upcast(box)
         if self.box_exp:
             box = box.exp()
         centerness = None

@@ -27,8 +27,10 @@ class Detector(nn.Module):
         self.neck = neck
         self.head = head
         self.spec = spec
-        mean = torch.tensor(spec.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(spec.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
+        # the default dtype (float32 unless a test builds the model in float64), which
+        # normalize() casts the pixels to
+        mean = torch.tensor(spec.pixel_mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.pixel_std).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
@@ -39,7 +41,7 @@ class Detector(nn.Module):
         outside each image's unpadded (h, w) are 0 after normalising, as MMDetection pads
         after normalisation.
         """
-        x = images.float()
+        x = images.to(self.pixel_mean.dtype)
         if self.spec.to_bgr:
             x = x.flip(1)
         x = (x - self.pixel_mean) / self.pixel_std
