@@ -2,7 +2,9 @@
 
 Each run is a child process (a signal must hit a real process) started through a small driver
 that installs one hook, then runs the CLI: SIGTERM to itself at a given training step, or
-SIGKILL just before a given file-system step of a state save (`state_dir.on_step`).
+SIGKILL just before a given file-system step of a state save (`state_dir.on_step`). Each child
+leads its own process group, as a job under Slurm or `timeout` does: a signal to the group
+reaches its DataLoader workers too.
 """
 
 from __future__ import annotations
@@ -34,20 +36,48 @@ TINY = [
 
 DRIVER = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, subprocess, sys
     from crosskd_cli import engine, state_dir
 
     action, at, *args = sys.argv[1:]
     seen = {"steps": 0, "saves": 0}
 
-    if action == "sigterm":  # at the start of training step `at` (1-based)
+    # whom a stop signal goes to: this process; its process group (the workers too, as
+    # Slurm and Kubernetes send it), sent by another process, as theirs is; its parent, the
+    # `timeout` command, which sends it on to the whole group as when its time is up
+    def to_group(name):
+        subprocess.run(["kill", "-s", name, "--", f"-{os.getpgid(0)}"])
+
+    SEND = {
+        "sigterm": lambda: os.kill(os.getpid(), signal.SIGTERM),
+        "group-sigterm": lambda: to_group("TERM"),
+        "group-sigint": lambda: to_group("INT"),
+        "timeout-sigterm": lambda: os.kill(os.getppid(), signal.SIGTERM),
+    }
+    send, _, moment = action.partition("@")
+    if send in SEND and not moment:  # at the start of training step `at` (1-based)
         check = engine.NonFiniteGuard.check
         def counting(self, losses, norm):
             seen["steps"] += 1
             if seen["steps"] == int(at):
-                os.kill(os.getpid(), signal.SIGTERM)
+                SEND[send]()
             return check(self, losses, norm)
         engine.NonFiniteGuard.check = counting
+    elif send in SEND and moment == "eval":  # while the `at`-th evaluation predicts
+        from crosskd_cli import evaluate
+        postprocess = evaluate.postprocess
+        def signalling(*a, **k):
+            seen["evals"] = seen.get("evals", 0) + 1
+            if seen["evals"] == int(at):
+                SEND[send]()
+            return postprocess(*a, **k)
+        evaluate.postprocess = signalling
+    elif send in SEND and moment == "write":  # inside the `at`-th state save, before writing
+        def hook(name):
+            seen["saves"] += name == "write"
+            if name == "write" and seen["saves"] == int(at):
+                SEND[send]()
+        state_dir.on_step = hook
     elif action.startswith("kill-before-"):  # the `at`-th save's step named after the prefix
         step = action.removeprefix("kill-before-")
         def hook(name):
@@ -63,10 +93,15 @@ DRIVER = textwrap.dedent(
 
 
 def crosskd(*args: str, action: str = "none", at: int = 0) -> subprocess.CompletedProcess:
+    """The CLI in a child process leading its own process group; under the real `timeout`
+    command (with a time it never reaches: the driver signals it) for `timeout-*` actions."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-c", DRIVER, action, str(at), *args]
+    if action.startswith("timeout-"):
+        command = ["timeout", "-s", "TERM", "600", *command]
     return subprocess.run(
-        [sys.executable, "-c", DRIVER, action, str(at), *args],
-        env=env, capture_output=True, text=True, check=False, timeout=300,
+        command, env=env, capture_output=True, text=True, check=False, timeout=300,
+        start_new_session=True,
     )  # fmt: skip
 
 
@@ -109,6 +144,66 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identica
     resumed = crosskd("teacher", "--resume", "--out", str(out))  # the folder knows the rest
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert epochs_in(out / "results.csv") == [1, 2]
+
+
+def stopped_then_resumed(command, out: Path, action: str, at: int, workers: int):
+    """Run `command` (teacher_run or a distill runner) stopped by `action` at `at`, check the
+    stop is the clean one (exit code, one message, no traceback) and resume it."""
+    stopped = command(out, "--set", f"data.num_workers={workers}", action=action, at=at)
+    signame = "SIGINT" if action.partition("@")[0].endswith("sigint") else "SIGTERM"
+    assert stopped.returncode == (130 if signame == "SIGINT" else 143), stopped.stderr
+    assert f"Interrupted: Stopped by {signame} at epoch" in stopped.stderr
+    assert stopped.stderr.splitlines()[-1].startswith("Resume with: crosskd ")
+    assert "Traceback" not in stopped.stderr and "DataLoader worker" not in stopped.stderr
+    resumed = crosskd(*shlex.split(stopped.stderr.splitlines()[-1])[3:])
+    assert resumed.returncode == 0, resumed.stderr
+    return stopped
+
+
+def test_a_sigterm_to_the_whole_process_group_with_workers_saves_and_resumes(
+    uninterrupted, tmp_path
+):
+    """As Slurm, `timeout` and Kubernetes stop a job: every process gets the signal, the
+    DataLoader workers too. They leave it to the main process, which stops as usual."""
+    out = tmp_path / "run"
+    stopped = stopped_then_resumed(teacher_run, out, "group-sigterm", 4, workers=2)
+    assert "Stopped by SIGTERM at epoch 1, iteration 4" in stopped.stderr
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
+    assert epochs_in(out / "results.csv") == [1, 2]
+
+
+def distill_runner(teacher: Path):
+    def distill(out: Path, *extra: str, action: str = "none", at: int = 0):
+        return crosskd(
+            "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,
+            "--set", "model.backbone=resnet18", "--teacher", str(teacher), "--out", str(out),
+            *extra, action=action, at=at,
+        )  # fmt: skip
+
+    return distill
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("action", ["group-sigterm", "timeout-sigterm", "group-sigint"])
+@pytest.mark.parametrize("command", ["teacher", "distill"])
+@pytest.mark.parametrize("moment", ["step", "eval", "write"])
+def test_every_group_wide_stop_saves_and_resumes_bit_identical(
+    uninterrupted, tmp_path, command, action, workers, moment
+):
+    """At step 4 (of 6 in epoch 1), during the first evaluation, during the first state save."""
+    out = tmp_path / "run"
+    if command == "teacher":
+        run, straight = teacher_run, uninterrupted
+    else:
+        run, straight = distill_runner(uninterrupted / "best.safetensors"), tmp_path / "straight"
+        assert run(straight, "--set", "data.num_workers=0").returncode == 0
+    where = "" if moment == "step" else f"@{moment}"
+    stopped = stopped_then_resumed(run, out, action + where, 4 if moment == "step" else 1, workers)
+    if moment == "step":
+        assert "at epoch 1, iteration 4; the state is saved" in stopped.stderr
+    assert same_weights(out / "last.safetensors", straight / "last.safetensors")
     assert epochs_in(out / "results.csv") == [1, 2]
 
 

@@ -9,6 +9,10 @@ on the batch size or on which images share a batch (`build_eval_loader`).
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -148,6 +152,32 @@ class AspectRatioBatches(BatchSampler):
                 yield batch
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int, main_pid: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT but its main process's SIGTERM.
+
+    `timeout`, Slurm and Kubernetes signal every process of the job, and a Ctrl-C reaches the
+    terminal's whole process group: a worker that died of it (torch's worker handler re-raises
+    a SIGTERM that does not come from its parent) would crash the main process before it could
+    save. The main process decides (`engine.StopRequest`). Its own SIGTERM (how
+    multiprocessing ends a worker that outlives its loader, at exit) still ends the worker:
+    SIGTERM is blocked and a thread waits for it, reading who sent it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_the_main_process() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_the_main_process, daemon=True).start()
+
+
+def worker_init() -> functools.partial:
+    """The workers' init function, naming this (the main) process."""
+    return functools.partial(leave_stop_signals_to_the_main_process, main_pid=os.getpid())
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -171,6 +201,7 @@ def build_loader(
         generator=generator,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
+        worker_init_fn=worker_init(),
     )
     if portrait is None:
         return DataLoader(
@@ -202,4 +233,5 @@ def build_eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int = 0
         num_workers=num_workers,
         collate_fn=collate_by_shape,
         persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init(),
     )
