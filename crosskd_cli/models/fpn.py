@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -77,5 +78,28 @@ class FPN(nn.Module):
                 source = outs[-1] if self.extra_convs_source == "p5_output" else inputs[-1]
             else:
                 source = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
-            outs.append(conv(source))
+            outs.append(extra_conv(conv, source))
         return outs
+
+
+def extra_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """An extra level's stride-2 3x3 conv; in fp32 where CPU bf16 would corrupt training.
+
+    torch's CPU backward of a bf16 strided 3x3 convolution over an input one pixel wide
+    returns garbage at random (torch 2.14: weight gradients of 1e14 to inf; inputs 2 or more
+    pixels wide, and 1xW ones, are fine). P6 is one pixel wide whenever the padded image is
+    at most 64 px wide (C5/P5 at 32 px), so the extra convs meet such inputs in small-image
+    runs; with gradients to compute, such an input runs this conv in fp32 (a few pixels: no
+    cost). A frozen teacher (no gradients) and fp16 or fp32 runs are unchanged.
+    """
+    if (
+        x.shape[-1] == 1
+        and x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and torch.is_grad_enabled()
+        and conv.weight.dtype == torch.float32
+    ):
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.float())
+    return conv(x)
