@@ -78,8 +78,10 @@ class TrainConfig:
     warmup: Literal["linear", "constant"] = "linear"
     bias_lr_factor: NonNegative = 1.0  # lr x this for conv/linear biases (FCOS: 2)
     bias_decay_factor: NonNegative = 1.0  # weight decay x this for those biases (FCOS: 0)
-    # epochs (or iterations when max_iters is set) of x gamma
+    # x gamma after each milestone: epochs (under max_iters, in proportion to the run: 8 of
+    # 12 epochs decays after 8/12 of it), or iterations with milestone_unit=iterations
     milestones: tuple[Count, ...] = (8, 11)
+    milestone_unit: Literal["epochs", "iterations"] = "epochs"
     gamma: Positive = 0.1
     grad_clip: Positive | None = None  # max gradient norm, None = no clipping
     eval_interval: Index = 0  # evaluate every N epochs (0 = only at the end)

@@ -45,6 +45,7 @@ from crosskd_cli.errors import CrossKDError, Interrupted, OptionError, PresetErr
 from crosskd_cli.plots import plot_run_or_warn
 from crosskd_cli.progress import progress_bar
 from crosskd_cli.runs import DAMAGED_HINT, RunDir, append_results, keep_results_until
+from crosskd_cli.schedule import build_schedule
 from crosskd_cli.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
 
 StepFn = Callable[[nn.Module, Any], dict[str, Tensor]]
@@ -65,6 +66,9 @@ class TrainerState:
     wall_time: float = 0.0  # seconds of training so far, over all sessions
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest evaluation
     total_batch: int = 0  # images per optimizer step (0: a state from before it was recorded)
+    # the schedule's decay iterations (none: a state from before they were recorded): those
+    # passed stay put when a resume extends the run
+    decays: list[int] = field(default_factory=list)
 
 
 def process_state() -> PartialState:
@@ -250,27 +254,12 @@ def check_trackers(names: list[str]) -> None:
             )
 
 
-def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:
-    """Warm-up (linear from `warmup_ratio`, or constant at it), then x gamma at each milestone
-    (epochs or iterations)."""
+def check_warmup(cfg: TrainConfig) -> None:
     if cfg.warmup not in ("linear", "constant"):
         raise PresetError(
             f"train.warmup '{cfg.warmup}' is not known.",
             hint="Use --set train.warmup=linear or --set train.warmup=constant.",
         )
-    unit = 1 if cfg.max_iters else iters_per_epoch
-    milestones = [m * unit for m in cfg.milestones]
-
-    def factor(it: int) -> float:
-        decay = cfg.gamma ** sum(it >= m for m in milestones)
-        if it < cfg.warmup_iters:
-            if cfg.warmup == "constant":
-                return decay * cfg.warmup_ratio
-            k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
-            return decay * (1 - k)
-        return decay
-
-    return factor
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -470,18 +459,26 @@ class Trainer:
                 f"total batch, {total_batch(self.cfg, acc.num_processes).describe()}.",
                 hint="Lower --set train.batch_size (or train.grad_accum) or use more images.",
             )
-        total = self.cfg.max_iters or self.cfg.epochs * iters_per_epoch
+        check_warmup(self.cfg)
+        self.schedule = build_schedule(self.cfg, iters_per_epoch)
+        total = self.schedule.total
         lr = scaled_lr(self.cfg, acc.num_processes)
         optimizer = build_optimizer(model, self.cfg, lr)
+        # a lambda (not the schedule's method): a resume replaces the schedule it reads, and
+        # LambdaLR keeps plain functions out of its state (runs of 0.2 hold such a state)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_factor(self.cfg, iters_per_epoch)
+            optimizer, lambda iteration: self.schedule.factor(iteration)
         )
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         if resume:
             self._load_state()
             saved = self.state.total_batch
             check_resumed_batch(saved, self.cfg, acc.num_processes, self.resume_hint)
+            self.schedule = build_schedule(
+                self.cfg, iters_per_epoch, self.state.decays, self.state.iteration
+            )
         self.state.total_batch = total_batch(self.cfg, acc.num_processes).images
+        self.state.decays = list(self.schedule.decays)
         if on_start is not None:
             on_start()
         self._session_start, self._session_wall = self.state.iteration, self.state.wall_time
@@ -490,6 +487,9 @@ class Trainer:
         watcher = ZeroWatch(watch_zero)
         if self.is_main:
             self.console.print(f"[dim]{lr_line(self.cfg, acc.num_processes)}[/]")
+            self.console.print(f"[dim]{self.schedule.line(lr)}[/]", highlight=False)
+            for note in self.schedule.notes():
+                self.console.print(f"[yellow]Note: {note}.[/]", highlight=False)
         if self.precision != "no" and self.is_main:
             self.console.print(f"[dim]Training steps in {self.precision} mixed precision.[/]")
         if self.cfg.log_with:
@@ -863,6 +863,8 @@ def trainer_state_problem(marker: dict[str, Any]) -> str | None:
         ok = isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
         if not ok or isinstance(value, bool):
             return f"{state_dir.MARKER}: '{name}' is {value!r}, not of type {expected.__name__}"
+        if expected is list and not all(type(v) is int and v >= 0 for v in value):
+            return f"{state_dir.MARKER}: '{name}' is {value!r}, not a list of iterations"
     return None
 
 

@@ -75,14 +75,17 @@ def spec_for_data(spec: ModelSpec, splits: DataSplits, console: Console) -> Mode
     return spec
 
 
-def write_run_record(run: RunDir, preset: Preset, job: Job) -> None:
+def write_run_record(
+    run: RunDir, preset: Preset, job: Job, schedule: dict[str, object] | None = None
+) -> None:
     """preset.yaml: the preset as this run resolved it (its model for the data, the family's
-    KD weights); config.yaml: its other inputs, the teacher with the sha256 of its file."""
+    KD weights); config.yaml: its other inputs, the teacher with the sha256 of its file, and
+    the lr schedule the run follows."""
     record = job.record
     if record.teacher is not None:
         teacher = TeacherFile(record.teacher.path, file_digest(Path(record.teacher.path)))
         record = dataclasses.replace(record, teacher=teacher)
-    write_record(run, record, dataclasses.replace(preset, model=job.spec))
+    write_record(run, record, dataclasses.replace(preset, model=job.spec), schedule)
 
 
 DROP_TOTALS = ("images", "annotations", "images_used")  # totals, not drops
@@ -188,7 +191,7 @@ def run_job(
 
     def record() -> None:  # on resume too (a longer schedule, a teacher that moved), once loaded
         if acc.is_main_process:
-            write_run_record(run, preset, job)
+            write_run_record(run, preset, job, trainer.schedule.record())
 
     state = trainer.fit(
         job.model,

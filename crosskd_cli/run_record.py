@@ -87,8 +87,13 @@ def file_digest(path: Path) -> str:
 # ---------------------------------------------------------------------------- the files
 
 
-def write_record(run: RunDir, record: RunRecord, preset: Preset) -> None:
-    """preset.yaml and config.yaml; a file whose text is unchanged is not rewritten."""
+def write_record(
+    run: RunDir, record: RunRecord, preset: Preset, schedule: dict[str, Any] | None = None
+) -> None:
+    """preset.yaml and config.yaml; a file whose text is unchanged is not rewritten.
+
+    `schedule`: the lr schedule as the run resolved it (`Schedule.record`), for the reader
+    only: a resume computes it again from the settings (`read_record` skips it)."""
     header = (
         "# The inputs of this run; its settings are in preset.yaml.\n"
         f"# `crosskd {record.command} --resume --out RUN` reads both.\n"
@@ -96,6 +101,8 @@ def write_record(run: RunDir, record: RunRecord, preset: Preset) -> None:
     plain = to_plain(record)
     if plain["teacher"] is None:  # a teacher run
         del plain["teacher"]
+    if schedule is not None:
+        plain["schedule"] = schedule
     _write_if_changed(run.preset, yaml.safe_dump(to_plain(preset), sort_keys=False))
     _write_if_changed(run.config, header + yaml.safe_dump(plain, sort_keys=False))
 
@@ -120,7 +127,14 @@ def read_record(run: RunDir) -> RunRecord:
 
 # Settings added since 0.2.0 whose default differs from what a run recorded before computed:
 # such a run resumes as it started
-BEFORE_RECORDED = {("data", "group_by_aspect_ratio"): "false"}
+# (a value, or a function of the recorded preset giving one)
+BEFORE_RECORDED = {
+    ("data", "group_by_aspect_ratio"): "false",
+    # 0.2 counted milestones in iterations whenever train.max_iters was set
+    ("train", "milestone_unit"): lambda recorded: (
+        "iterations" if recorded.get("train", {}).get("max_iters") else "epochs"
+    ),
+}
 
 
 def read_run_preset(run: RunDir, overrides: list[str] | None = None) -> Preset:
@@ -148,7 +162,7 @@ def _recorded_before(path: Path) -> list[str]:
     if not isinstance(recorded, dict):
         return []
     return [
-        f"{section}.{key}={value}"
+        f"{section}.{key}={value(recorded) if callable(value) else value}"
         for (section, key), value in BEFORE_RECORDED.items()
         if isinstance(recorded.get(section, {}), dict) and key not in recorded.get(section, {})
     ]

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "crosskd_cli"
 LAYERS = {
     0: ["errors", "specs", "schema", "bounded", "config", "runs", "run_record", "state_dir",
         "progress", "metrics", "safe_pickle", "data.builtin", "data.coco_layout", "data.source",
-        "batching", "plots",
+        "batching", "schedule", "plots",
         "__init__"],
     1: ["structures", "targets", "losses", "box_coders", "drawing", "data."],
     2: ["models.backbones", "models.mobilenet", "models.swin", "models.fpn", "models.dense_head",

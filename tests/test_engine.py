@@ -1,4 +1,4 @@
-"""The training loop's schedule, lr scaling and the zero-KD warning."""
+"""The training loop's lr scaling and the zero-KD warning (the schedule: test_schedule.py)."""
 
 from __future__ import annotations
 
@@ -6,28 +6,13 @@ import pytest
 from rich.console import Console
 
 from crosskd_cli.config import TrainConfig
-from crosskd_cli.engine import ZeroWatch, lr_factor, scaled_lr
+from crosskd_cli.engine import ZeroWatch, scaled_lr
 
 
 def test_lr_scales_linearly_with_the_total_batch():
     cfg = TrainConfig(lr=0.01, batch_size=2, base_batch_size=16)
     assert scaled_lr(cfg, num_processes=8) == pytest.approx(0.01)
     assert scaled_lr(cfg, num_processes=1) == pytest.approx(0.00125)
-
-
-def test_warmup_is_linear_from_the_ratio_and_decay_happens_at_epoch_milestones():
-    cfg = TrainConfig(warmup_iters=500, warmup_ratio=0.001, milestones=(8, 11), gamma=0.1)
-    factor = lr_factor(cfg, iters_per_epoch=100)
-    assert factor(0) == pytest.approx(0.001)
-    assert factor(250) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert factor(500) == 1.0 and factor(799) == 1.0
-    assert factor(800) == pytest.approx(0.1) and factor(1100) == pytest.approx(0.01)
-
-
-def test_milestones_count_iterations_when_training_by_iterations():
-    cfg = TrainConfig(max_iters=300, warmup_iters=0, milestones=(200,), gamma=0.1)
-    factor = lr_factor(cfg, iters_per_epoch=1000)
-    assert factor(199) == 1.0 and factor(200) == pytest.approx(0.1)
 
 
 def test_a_kd_term_stuck_at_zero_is_reported_once():
