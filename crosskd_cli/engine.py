@@ -69,6 +69,12 @@ class TrainerState:
     # the schedule's decay iterations (none: a state from before they were recorded): those
     # passed stay put when a resume extends the run
     decays: list[int] = field(default_factory=list)
+    skipped: int = 0  # non-finite steps skipped, over the whole run
+    # The current epoch's running loss sums over every process and the count of steps in
+    # them, so a resumed epoch's results row is the uninterrupted one's. epoch_kept < 0: a
+    # state written before they were (crosskd 0.2), whose row covers the steps after resume
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_kept: float = 0.0
 
 
 def process_state() -> PartialState:
@@ -145,6 +151,11 @@ def from_main_process(make: Callable[[], Any]) -> Any:
 
 
 PRECISIONS = ("no", "fp16", "bf16", "auto")
+# A run that skipped more than this share of its steps (non-finite losses) ends in an error
+MAX_SKIPPED_SHARE = 0.5
+# Finite but exploding: a parameter's largest |weight| or its gradient's norm past these is
+# reported once (the bf16 fault this guards against drove weights to 1e26)
+WEIGHT_LIMIT, GRAD_NORM_LIMIT = 1e4, 1e6
 
 
 def native_bf16(device_type: str) -> bool:
@@ -359,11 +370,14 @@ class NonFiniteGuard:
         self.reduce_sum = reduce_sum
         zero = torch.zeros((), device=device)
         self.found, self.streak, self.total = zero.clone(), zero.clone(), zero.clone()
+        self.bad_terms: Tensor | None = None  # per loss term, steps it was not finite
 
     def check(self, losses: dict[str, Tensor], grad_norm: Tensor | None) -> Tensor:
         """found (0-d float, 1.0 = skip this step) from the step's losses and gradient norm."""
         values = torch.stack([v.detach().float() for v in losses.values()])
-        finite = torch.isfinite(values).all()
+        bad = ~torch.isfinite(values)
+        self.bad_terms = bad.float() + (0 if self.bad_terms is None else self.bad_terms)
+        finite = ~bad.any()
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
         self.found = (~finite).float()
@@ -398,6 +412,7 @@ class Trainer:
         self.stop = StopRequest()
         # model -> more columns of the epoch's results.csv row (the Fig. 5 distances), or None
         self.epoch_end: Callable[[nn.Module], dict[str, float]] | None = None
+        self._magnitude_reported = False
 
     def reduce_mean(self, value: Tensor) -> Tensor:
         """Average a tensor over processes (loss normalisers such as the positive count)."""
@@ -484,6 +499,9 @@ class Trainer:
         self._session_start, self._session_wall = self.state.iteration, self.state.wall_time
         reduce_sum = self._reduce_sum if acc.num_processes > 1 else None
         guard = NonFiniteGuard(optimizer, acc.device, self.precision == "fp16", reduce_sum)
+        guard.total += self.state.skipped
+        self._guard = guard
+        self._sums, self._kept = {}, torch.zeros((), device=acc.device)
         watcher = ZeroWatch(watch_zero)
         if self.is_main:
             self.console.print(f"[dim]{lr_line(self.cfg, acc.num_processes)}[/]")
@@ -552,8 +570,7 @@ class Trainer:
             loader.dataset.set_epoch(state.epoch, cfg.seed)
         done = state.epoch_step * cfg.grad_accum  # forwards of this epoch already trained
         batches = acc.skip_first_batches(loader, done) if done else loader
-        sums: dict[str, Tensor] = {}
-        kept = torch.zeros((), device=acc.device)  # steps whose losses count in the means
+        sums, kept = self._epoch_sums_from_state()
         started = time.perf_counter()
         interval = _Interval(started, state.iteration)
         loop.model.train()
@@ -565,15 +582,21 @@ class Trainer:
             found = loop.guard.check(losses, norm)
             loop.optimizer.step()
             loop.scheduler.step()
+            logs = (
+                state.iteration + 1
+            ) % cfg.log_interval == 0 or state.iteration + 1 == loop.total
+            if logs:
+                self._watch_magnitudes(loop.model)  # before the gradients go
             loop.optimizer.zero_grad(set_to_none=True)
             for name, value in losses.items():  # a skipped step's terms stay out of the means
                 value = torch.where(found > 0, 0.0, value.detach().float())
                 sums[name] = sums.get(name, 0) + value
             kept += 1 - found
+            self._sums, self._kept = sums, kept  # what a state saved mid-epoch records
             state.iteration += 1
             state.epoch_step += 1
             progress.update(task, completed=state.iteration)  # the bar moves every step
-            if state.iteration % cfg.log_interval == 0 or state.iteration == loop.total:
+            if logs:
                 means = self._loss_means(sums, kept)
                 self._check_finite(loop.guard, losses)
                 watcher.check(means, state.iteration, self.console if self.is_main else None)
@@ -678,6 +701,97 @@ class Trainer:
             "(train.max_nonfinite_steps sets the patience).",
         )
 
+    def _epoch_sums_from_state(self) -> tuple[dict[str, Tensor], Tensor]:
+        """The running loss sums and kept-step count the epoch starts from: on resume mid-epoch
+        the saved totals of every process, held by the main process alone (they are summed
+        over processes when read), else nothing."""
+        device, state = self.accelerator.device, self.state
+        kept = torch.zeros((), device=device)
+        if not (state.epoch_step and state.epoch_kept >= 0 and self.is_main):
+            return {}, kept
+        sums = {k: torch.tensor(v, device=device) for k, v in state.epoch_sums.items()}
+        return sums, kept + state.epoch_kept
+
+    def _record_progress(self) -> None:
+        """Before a state save: the run's skipped steps and the epoch's running sums (over
+        every process: a collective, which every process reaches in `_save_state`)."""
+        state = self.state
+        state.skipped = int(self._guard.total.item())
+        if not state.epoch_step or not self._sums:
+            state.epoch_sums = {}
+            state.epoch_kept = max(state.epoch_kept, 0.0) if not state.epoch_step else 0.0
+            return
+        names = list(self._sums)
+        values = torch.stack([torch.as_tensor(self._sums[k], device=self._kept.device).float()
+                              for k in names] + [self._kept.float()])  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            values = self._reduce_sum(values)
+        *sums, kept = values.tolist()
+        state.epoch_sums = dict(zip(names, sums, strict=True))
+        if state.epoch_kept >= 0:  # unknown stays unknown until the epoch ends
+            state.epoch_kept = kept
+
+    def _check_learned(self, finished: bool) -> None:
+        """At an epoch end: refuse a run that has taken no finite step, or (at its end) one
+        that skipped more than MAX_SKIPPED_SHARE of its steps. Nothing of it is saved as
+        `best`: its weights learned nothing or were shaped by the few steps that passed."""
+        done, skipped = self.state.iteration, int(self._guard.total.item())
+        never = done > 0 and skipped >= done
+        if not never and not (finished and skipped > MAX_SKIPPED_SHARE * done):
+            return
+        terms = self._bad_terms()
+        what = f"{terms} not finite" if terms else "a non-finite gradient norm"
+        if never:
+            message = (
+                f"No training step of the run's {done} was finite ({what}): every one was "
+                "skipped and nothing was learned, so no checkpoint is written."
+            )
+        else:
+            message = (
+                f"{skipped} of the run's {done} training steps were skipped ({what}), more "
+                f"than the {MAX_SKIPPED_SHARE:.0%} a run may skip: its weights are not "
+                "trusted, so no checkpoint is written."
+            )
+        raise RunError(
+            message,
+            hint="Lower train.lr or raise train.warmup_iters (with bf16, try --set "
+            "train.mixed_precision=no), then start again.",
+        )
+
+    def _bad_terms(self) -> str:
+        """The loss terms that were not finite in this session, most often first."""
+        counts = self._guard.bad_terms
+        if counts is None or not self._sums:
+            return ""
+        pairs = sorted(zip(counts.tolist(), self._sums, strict=False), key=lambda p: -p[0])
+        return ", ".join(name for count, name in pairs if count > 0)
+
+    def _watch_magnitudes(self, model: nn.Module) -> None:
+        """Once per run, on the main process: name the first parameter whose weights or
+        gradient grew past WEIGHT_LIMIT / GRAD_NORM_LIMIT while staying finite (a run going
+        wrong before its losses say so). Called at log intervals, before the gradients go."""
+        if self._magnitude_reported or not self.is_main:
+            return
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters()
+                 if p.requires_grad]  # fmt: skip
+        if not named:
+            return
+        weights = torch.stack([p.detach().abs().max().float() for _, p in named])
+        grads = torch.stack([p.grad.detach().float().norm() if p.grad is not None
+                             else weights.new_zeros(()) for _, p in named])  # fmt: skip
+        for kind, values, limit in (("weights reach |w| =", weights, WEIGHT_LIMIT),
+                                    ("gradient norm reaches", grads, GRAD_NORM_LIMIT)):  # fmt: skip
+            over = (torch.isfinite(values) & (values > limit)).nonzero()
+            if len(over):
+                k = int(over[0, 0])
+                self._magnitude_reported = True
+                self.console.print(
+                    f"[yellow]Warning: {named[k][0]}'s {kind} {values[k].item():.3g} at iteration "
+                    f"{self.state.iteration} (past {limit:.0e}): training is going unstable. "
+                    "Lower train.lr or set train.grad_clip.[/]"
+                )
+                return
+
     def _stop_agreed(self) -> bool:
         """Has any process been asked to stop? All processes must stop at the same step, so
         with several they agree through one small all-reduce, at log intervals only."""
@@ -705,6 +819,7 @@ class Trainer:
     def _end_epoch(self, model, evaluate_fn, save_fn, total) -> None:
         state, cfg = self.state, self.cfg
         finished = state.iteration >= total
+        self._check_learned(finished)
         row = self._pending_row or {"epoch": state.epoch + 1}
         evaluate_now = finished or (
             cfg.eval_interval and (state.epoch + 1) % cfg.eval_interval == 0
@@ -729,6 +844,8 @@ class Trainer:
         state.epoch += 1
         state.epoch_step = 0
         self._pending_row = {}
+        self._sums, self._kept = {}, torch.zeros_like(self._kept)
+        state.epoch_kept = max(state.epoch_kept, 0.0)  # the next epoch's sums are all known
         if finished and self.is_main:
             save_fn(self.accelerator.unwrap_model(model), "last", state.metrics)
         self._save_state()
@@ -764,6 +881,7 @@ class Trainer:
                 f"previous state in {state_path} is kept ({kept}).",
                 hint="Free disk space (or fix the folder's permissions), then resume.",
             )
+        self._record_progress()
         if self.is_main:
             commit(state_path, asdict(self.state))
             keep_results_until(self.run, self.state.epoch)
@@ -797,6 +915,14 @@ class Trainer:
             what = "cannot be loaded" if fits else "does not fit the run's model"
             raise _damaged(folder, f"it {what} ({_first_line(err)})") from None
         self.state = TrainerState(**marker)
+        if "epoch_kept" not in marker and self.state.epoch_step:
+            self.state.epoch_kept = -1.0  # crosskd 0.2: the epoch's sums were not saved
+            if self.is_main:
+                self.console.print(
+                    f"[yellow]Note: the state in {folder} (crosskd 0.2) holds no running loss "
+                    f"sums: the results row of epoch {self.state.epoch + 1} averages the steps "
+                    "after this resume only.[/]"
+                )
         if self.is_main:  # rows and records the restored state has not reached are redone
             keep_results_until(self.run, self.state.epoch)
             keep_log_until(self.run.log, self.state.iteration)

@@ -20,7 +20,7 @@ from crosskd_cli.checkpoint import (
     make_meta,
     save_checkpoint,
 )
-from crosskd_cli.config import Preset, to_dict
+from crosskd_cli.config import Preset, load_preset, to_dict
 from crosskd_cli.data import DataSource, DataSplits, build_eval_loader, build_loader, load_splits
 from crosskd_cli.distill import Distiller, export_as_is
 from crosskd_cli.engine import (
@@ -31,11 +31,17 @@ from crosskd_cli.engine import (
     eval_shards,
     make_accelerator,
 )
+from crosskd_cli.errors import CheckpointError, CrossKDError, ModelError
 from crosskd_cli.evaluate import evaluate_model, headline, val_evaluator
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.kd_terms import resolve_distill
 from crosskd_cli.models import Detector, build_detector
-from crosskd_cli.pairing import check_pair, tap_widths
+from crosskd_cli.pairing import (
+    check_pair,
+    describe_teacher,
+    tap_widths,
+    teacher_identity_problems,
+)
 from crosskd_cli.prediction_gap import EpochEndFn, PredictionGap
 from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
 from crosskd_cli.runs import RunDir, write_json
@@ -251,6 +257,55 @@ def load_teacher(path: Path) -> tuple[Detector, CheckpointMeta]:
     return teacher, meta
 
 
+def check_teacher_identity(
+    preset: Preset, meta: CheckpointMeta, path: Path, intended: bool, console: Console
+) -> None:
+    """Refuse a teacher file that is not the teacher the pair preset names (another backbone
+    or head) or that was trained as a student, unless --other-teacher says it is intended."""
+    expected, name = None, "the preset's teacher"
+    if preset.teacher is not None:
+        name = f"the preset's teacher '{preset.teacher.preset}'"
+        try:
+            expected = load_preset(preset.teacher.preset).model
+        except CrossKDError:  # a teacher preset file that is gone: only the kind is checked
+            expected = None
+    problems = teacher_identity_problems(meta, expected, name)
+    if not problems:
+        return
+    what = f"Teacher {path.name} is not the teacher of preset '{preset.name}': " + "; ".join(
+        problems
+    )
+    if intended:
+        console.print(f"[yellow]Note: {what} (--other-teacher: used as asked).[/]")
+        return
+    raise ModelError(
+        what + ".",
+        hint="Pass the teacher the preset names, or add --other-teacher if this one is "
+        "intended (the cross-head pairing is checked either way).",
+    )
+
+
+@torch.no_grad()
+def check_teacher_outputs(teacher: nn.Module, splits: DataSplits, path: Path) -> None:
+    """Refuse a teacher whose predictions on the first validation image are not finite (its
+    weights are: a run that diverged, or bf16's fault before 0.3): every KD term would be NaN
+    and every step skipped. The same image on every process, so all refuse alike."""
+    loader = build_eval_loader(splits.val, batch_size=1)
+    first = next(iter(loader))
+    batch = (first[0] if isinstance(first, list) else first).to(next(teacher.parameters()).device)
+    head = teacher(batch.images, batch.image_sizes).head
+    for name, maps in (("class logits", head.cls_logits), ("box predictions", head.box_preds)):
+        if not all(torch.isfinite(m).all() for m in maps):
+            bad = [n for n, p in teacher.state_dict().items() if not torch.isfinite(p).all()]
+            where = f"; its weights hold NaN/inf ({', '.join(bad[:3])})" if bad else ""
+            raise CheckpointError(
+                f"Teacher {path} predicts non-finite {name} on the first validation image"
+                f"{where}: it cannot teach.",
+                hint="Use a teacher that trained without diverging (crosskd eval FILE shows its "
+                "AP), or train it again.",
+            )
+
+
 def measure_teacher(
     teacher: nn.Module, splits: DataSplits, data: DataSource, batch_size: int, console: Console
 ) -> float:
@@ -302,10 +357,13 @@ def distill_student(
     eval_teacher: bool,
     console: Console,
     resume_hint: str,
+    other_teacher: bool = False,
 ) -> TrainerState:
     """`crosskd distill`: the student learns from the ground truth and the frozen teacher.
 
-    On resume the saved state holds the student: the initial weights are recorded, not read."""
+    On resume the saved state holds the student: the initial weights are recorded, not read
+    (and the teacher is the recorded file, checked by its sha256). `other_teacher`: a teacher
+    other than the pair preset's is intended."""
     splits = load_splits(preset.data, data)
     spec = spec_for_data(preset.model, splits, console)
     teacher, teacher_meta = load_teacher(teacher_path)
@@ -313,8 +371,12 @@ def distill_student(
     cfg = resolve_distill(preset.distill, get_family(spec.family).kd_defaults)
     preset = dataclasses.replace(preset, distill=cfg)
     check_pair(teacher_meta, teacher_path.name, spec, splits.val, data.spec, cfg)
+    console.print(f"[dim]{describe_teacher(teacher_meta, teacher_path.name)}[/]", highlight=False)
+    if not resume:
+        check_teacher_identity(preset, teacher_meta, teacher_path, other_teacher, console)
     trainer = Trainer(make_accelerator(preset.train, run), preset.train, run, console, resume_hint)
     teacher = trainer.prepare_frozen(teacher)
+    check_teacher_outputs(teacher, splits, teacher_path)
     teacher_ap = teacher_meta.metrics.get("AP")
     if eval_teacher:
         teacher_ap = measure_teacher(teacher, splits, data, preset.train.eval_batch_size, console)

@@ -102,3 +102,37 @@ def check_pair(
             + ".",
             hint="Pick a pair preset whose models match (crosskd inspect --list-presets).",
         )
+
+
+# What makes a teacher the one a pair preset names: the same backbone and the same head
+IDENTITY_FIELDS = ("backbone", "family", "fpn_channels", "head_channels", "stacked_convs",
+                   "norm_groups")  # fmt: skip
+
+
+def teacher_identity_problems(
+    teacher: CheckpointMeta, expected: ModelSpec | None, expected_name: str
+) -> list[str]:
+    """How a teacher file differs from the teacher a pair preset names (`expected`, the
+    model of its teacher preset), and whether it was trained as a student."""
+    problems = []
+    if teacher.kind == "student":
+        problems.append(
+            f"it was trained as a student (`crosskd {teacher.training.get('command', 'distill')}`"
+            f" of preset '{teacher.preset}')"
+        )
+    if expected is not None:
+        for name in IDENTITY_FIELDS:
+            got, want = getattr(teacher.model, name), getattr(expected, name)
+            if got != want:
+                problems.append(f"its {name} is {got}, {expected_name}'s is {want}")
+    return problems
+
+
+def describe_teacher(teacher: CheckpointMeta, name: str) -> str:
+    """The banner's line: which teacher this is (preset, backbone, data, recorded AP)."""
+    ap = teacher.metrics.get("AP")
+    recorded = f"recorded AP {ap:.1f}" if isinstance(ap, (int, float)) else "no recorded AP"
+    return (
+        f"Teacher {name}: {teacher.kind} of preset '{teacher.preset}' ({teacher.model.backbone}"
+        f" {teacher.model.family}), evaluated on {teacher.val_data}, {recorded}."
+    )

@@ -116,7 +116,9 @@ def claim_run_dir(
     lock = lock_run(run, holder)
     try:
         if any(p.name != LOCK for p in out.iterdir()):
-            if not overwrite:
+            if not overwrite and never_saved(run):
+                clear_run_dir(run)  # a start that failed before its first save: nothing lost
+            elif not overwrite:
                 raise RunError(
                     f"Run folder {out} already exists and is not empty.",
                     hint="Add --resume to continue it, --overwrite to replace it, or pick "
@@ -127,6 +129,25 @@ def claim_run_dir(
         lock.release()
         raise
     return lock
+
+
+# What a run writes before its first state save (and the state folders of a save cut short)
+STARTUP_FILES = frozenset({"config.yaml", "preset.yaml", "log.jsonl", "results.csv",
+                           "results.png", "prediction_gap.png", ".lock"})  # fmt: skip
+
+
+def never_saved(run: RunDir) -> bool:
+    """Did a run start in this folder and stop before it saved anything worth keeping? Then
+    the same command (with any flags) may start again there without --overwrite: only files a
+    starting run writes, no checkpoint and no state, complete or damaged (a last/ folder).
+    Any other file, as in a folder of the user's own, keeps the folder protected."""
+    for path in run.root.iterdir():
+        partial_save = path.name.startswith(f"{STATE_DIR}.") or path.name.startswith(
+            f".{STATE_DIR}"
+        )
+        if path.name not in STARTUP_FILES and not partial_save:
+            return False
+    return not run.has_state()
 
 
 def clear_run_dir(run: RunDir) -> None:

@@ -66,23 +66,33 @@ def marker_problem(folder: Path) -> str:
     return f"{MARKER} does not hold the training loop's position"
 
 
+def newest(state: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete state among `state`, its .tmp and its .old, with its marker: the
+    one `recover` keeps (read only; ties prefer `state`)."""
+    candidates = []
+    for rank, folder in enumerate((old_of(state), tmp_of(state), state)):
+        marker = read_marker(folder)
+        if marker is not None:
+            candidates.append((marker["iteration"], rank, folder, marker))
+    if not candidates:
+        return None
+    *_, folder, marker = max(candidates, key=lambda c: (c[0], c[1]))
+    return folder, marker
+
+
 def recover(state: Path) -> dict[str, Any] | None:
     """Make `state` the newest complete state among it, its .tmp and its .old; delete the rest.
 
     Returns that state's marker (TrainerState dict), or None when no complete state exists.
     Safe to call again after a kill at any point inside it.
     """
-    candidates = []
-    for rank, folder in enumerate((old_of(state), tmp_of(state), state)):  # ties: prefer last/
-        marker = read_marker(folder)
-        if marker is not None:
-            candidates.append((marker["iteration"], rank, folder, marker))
+    found = newest(state)
     _empty_trash(state)
-    if not candidates:
+    if found is None:
         for folder in (old_of(state), tmp_of(state)):
             _discard(folder, state)
         return None
-    *_, best, marker = max(candidates, key=lambda c: (c[0], c[1]))
+    best, marker = found
     if best != state:
         _discard(state, state)
         os.replace(best, state)

@@ -104,7 +104,7 @@ def test_distill_and_its_pair_check_accept_the_same_data(teacher, val_lacks_dog,
     checkpoint, _ = teacher
     code, output = run(
         "distill", "--preset", "shapes-gfl-r50-to-r18", "--data", str(val_lacks_dog), *SMALL,
-        "--set", "model.backbone=resnet18", "--teacher", str(checkpoint),
+        "--set", "model.backbone=resnet18", "--other-teacher", "--teacher", str(checkpoint),
         "--out", str(tmp_path / "student"),
     )  # fmt: skip
     assert code == 0, output

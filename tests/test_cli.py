@@ -258,6 +258,7 @@ def test_distill_writes_a_student_only_checkpoint_that_eval_reads(teacher_run, t
         *TINY,
         "--set",
         "model.backbone=resnet18",
+        "--other-teacher",
         "--teacher",
         str(teacher_run / "best.safetensors"),
         "--cross-index",
@@ -279,7 +280,7 @@ def test_distill_writes_a_student_only_checkpoint_that_eval_reads(teacher_run, t
 
 def test_a_narrower_student_head_needs_the_adapter_which_is_never_exported(teacher_run, tmp_path):
     narrow = [*TINY, "--set", "model.head_channels=32", "--set", "model.backbone=resnet18"]
-    teacher = ["--teacher", str(teacher_run / "best.safetensors")]
+    teacher = ["--other-teacher", "--teacher", str(teacher_run / "best.safetensors")]
     refused = runner.invoke(
         app, ["distill", "--preset", "shapes-gfl-r50-to-r18", *narrow, *teacher]
     )
@@ -313,6 +314,7 @@ def test_distill_refuses_a_teacher_with_another_class_list(teacher_run):
             "--preset",
             "shapes-gfl-r50-to-r18",
             *TINY,
+            "--other-teacher",
             "--teacher",
             str(teacher_run / "best.safetensors"),
             "--set",
@@ -340,7 +342,7 @@ def test_every_family_trains_distills_and_evaluates_end_to_end(family, tmp_path)
     student = tmp_path / "student"
     result = invoke(
         "distill", "--preset", f"shapes-{family}-r34-to-r18", *TINY,
-        "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
+        "--other-teacher", "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     meta = read_meta(student / "best.safetensors")

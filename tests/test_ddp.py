@@ -66,7 +66,8 @@ def test_teacher_and_distill_run_as_two_gloo_processes(tmp_path):
     student = tmp_path / "student"
     code, output = torchrun(
         tmp_path / "s.log", "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,
-        "--set", "model.backbone=resnet18", "--teacher", str(teacher / "best.safetensors"),
+        "--set", "model.backbone=resnet18",
+        "--other-teacher", "--teacher", str(teacher / "best.safetensors"),
         "--out", str(student),
     )  # fmt: skip
     assert code == 0, output[-3000:]
@@ -91,7 +92,7 @@ def test_fcos_distills_as_two_gloo_processes(tmp_path):
     student = tmp_path / "student"
     code, output = torchrun(
         tmp_path / "s.log", "distill", "--preset", "shapes-fcos-r34-to-r18", *TINY,
-        "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
+        "--other-teacher", "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
     )  # fmt: skip
     assert code == 0, output[-3000:]
     meta = read_meta(student / "best.safetensors")

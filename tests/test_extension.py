@@ -79,7 +79,7 @@ def test_a_registered_family_trains_distills_and_evaluates_through_the_cli(regis
     student = tmp_path / "student"
     result = invoke(
         "distill", "--preset", "shapes-gfl-r34-to-r18", *TINY, *toy, "--method", "crosskd+logitl2",
-        "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
+        "--other-teacher", "--teacher", str(teacher / "best.safetensors"), "--out", str(student),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     meta = read_meta(student / "best.safetensors")

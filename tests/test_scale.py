@@ -98,7 +98,7 @@ def make_pair(root: Path, preset: str, same_boxes: bool) -> dict[str, Path]:
 def distill_args(files: dict[str, Path], pair: str, method: str, out: Path, *extra: str):
     return [
         "distill", "--preset", pair, "--data", str(files["coco"]),
-        "--teacher", str(files["teacher.safetensors"]),
+        "--other-teacher", "--teacher", str(files["teacher.safetensors"]),
         "--student-weights", str(files["student.safetensors"]),
         "--backbone-weights", str(files["r18.pth"]), "--out", str(out),
         "--set", f"distill.method={method}", "--set", "distill.align=false",

@@ -177,7 +177,8 @@ def distill_runner(teacher: Path):
     def distill(out: Path, *extra: str, action: str = "none", at: int = 0):
         return crosskd(
             "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,
-            "--set", "model.backbone=resnet18", "--teacher", str(teacher), "--out", str(out),
+            "--set", "model.backbone=resnet18",
+            "--other-teacher", "--teacher", str(teacher), "--out", str(out),
             *extra, action=action, at=at,
         )  # fmt: skip
 
@@ -215,7 +216,8 @@ def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tm
         return crosskd(
             "distill", "--preset", "shapes-gfl-r50-to-r18", *TINY, "--set", "data.num_workers=1",
             "--set", "model.backbone=resnet18", "--set", f"train.fast_step={str(fast).lower()}",
-            "--teacher", teacher, "--out", str(out), *extra, action=action, at=at,
+            "--other-teacher", "--teacher", teacher, "--out", str(out), *extra,
+            action=action, at=at,
         )  # fmt: skip
 
     straight = distill(tmp_path / "straight")
@@ -342,3 +344,161 @@ def test_a_full_disk_during_a_save_keeps_the_previous_state(tmp_path, monkeypatc
     assert not (out / "last.tmp").exists()
     resumed = teacher_run(out, "--set", "data.num_workers=0", "--resume")
     assert resumed.returncode == 0, resumed.stderr  # and the kept state resumes
+
+
+# ------------------------------------------------------------ runs that learned nothing
+
+
+def test_a_run_that_skipped_most_of_its_steps_fails_naming_the_term_and_writes_no_checkpoint(
+    tmp_path,
+):
+    """Fewer steps than train.max_nonfinite_steps (20): the streak guard never fires; the
+    run used to end normally with an all-zero table and a `best`."""
+    out = tmp_path / "run"
+    done = teacher_run(out, "--set", "data.num_workers=0", "--set", "train.lr=1.0e+30",
+                       "--set", "train.max_iters=4")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "Error: 3 of the run's 4 training steps were skipped (loss_" in message
+    assert "more than the 50% a run may skip" in message and "Traceback" not in message
+    assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
+
+
+def test_a_weight_exploding_while_finite_is_reported_once_with_its_layer(tmp_path):
+    """A student whose class bias starts at -2e4: finite losses, but the weight is far past
+    WEIGHT_LIMIT; said once, with the layer, at the first log interval."""
+    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    teacher = tmp_path / "teacher"
+    assert teacher_run(teacher, "--set", "data.num_workers=0", "--set",
+                       "train.max_iters=1").returncode == 0  # fmt: skip
+    state, meta = load_checkpoint(teacher / "last.safetensors")
+    state["head.cls_predictor.bias"] = torch.full_like(state["head.cls_predictor.bias"], -2e4)
+    save_checkpoint(tmp_path / "student.safetensors", state, meta)
+    done = crosskd("distill", "--preset", "shapes-gfl-r50-to-r18", *TINY,
+                   "--set", "data.num_workers=0", "--set", "train.max_iters=3",
+                   "--set", "model.backbone=resnet18", "--other-teacher",
+                   "--teacher", str(teacher / "last.safetensors"),
+                   "--student-weights", str(tmp_path / "student.safetensors"),
+                   "--out", str(tmp_path / "student"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    output = " ".join(done.stdout.split())
+    assert output.count("Warning: head.cls_predictor.bias's weights reach |w| = 2e+04") == 1
+    assert "training is going unstable" in output
+
+
+def test_distill_refuses_a_teacher_whose_predictions_are_not_finite(uninterrupted, tmp_path):
+    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    state, meta = load_checkpoint(uninterrupted / "best.safetensors")
+    state["neck.fpn_convs.4.weight"][0, 0, 0, 0] = float("nan")
+    broken = tmp_path / "diverged.safetensors"
+    save_checkpoint(broken, state, meta)
+    done = distill_runner(broken)(tmp_path / "run", "--set", "data.num_workers=0")
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert f"Teacher {broken} predicts non-finite class logits on the first validation " \
+           "image; its weights hold NaN/inf (neck.fpn_convs.4.weight): it cannot teach." \
+           in message  # fmt: skip
+    assert "Traceback" not in message
+
+
+# ------------------------------------------------------------ resume bookkeeping
+
+
+def rows(results: Path) -> list[dict[str, str]]:
+    with results.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_resumed_epochs_row_equals_the_uninterrupted_one(uninterrupted, tmp_path):
+    """SIGTERM at iteration 8, in epoch 2 (iterations 7-9): the row of epoch 2 averages all
+    three steps, two before the stop and one after (it averaged the one after only)."""
+    out = tmp_path / "run"
+    stopped_then_resumed(teacher_run, out, "sigterm", 8, workers=0)
+    got, want = rows(out / "results.csv"), rows(uninterrupted / "results.csv")
+    assert [r["epoch"] for r in got] == ["1", "2"]
+    for key in [k for k in want[1] if k.startswith("loss")]:
+        assert float(got[1][key]) == pytest.approx(float(want[1][key]), rel=1e-5), key
+    assert got[1]["skipped_steps"] == want[1]["skipped_steps"] == "0"
+
+
+def test_a_state_without_running_sums_still_resumes_and_says_its_row_is_partial(tmp_path):
+    """A state written by crosskd 0.2 (no epoch sums, no skipped count in its marker)."""
+    out = tmp_path / "run"
+    assert teacher_run(out, "--set", "data.num_workers=0", action="sigterm",
+                       at=8).returncode == 143  # fmt: skip
+    marker_path = out / "last" / "trainer_state.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["epoch_kept"] == 2.0 and set(marker["epoch_sums"]) >= {"loss_qfl"}
+    for key in ("epoch_sums", "epoch_kept", "skipped", "decays"):
+        del marker[key]
+    marker_path.write_text(json.dumps(marker))
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "holds no running loss sums: the results row of epoch 2 averages the steps after " \
+           "this resume only." in " ".join(resumed.stdout.split())  # fmt: skip
+
+
+def test_the_resume_message_names_the_state_recovery_keeps(tmp_path):
+    """Killed inside the save of iteration 6, after its state was complete: last/ holds
+    iteration 3, last.tmp iteration 6, which the resume continues from (and says so)."""
+    out = tmp_path / "run"
+    killed = teacher_run(out, "--set", "data.num_workers=0", "--set", "train.state_interval=3",
+                         action="kill-before-retire", at=2)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {out} at iteration 6, from last.tmp" in " ".join(resumed.stdout.split())
+
+
+# ------------------------------------------------------------ a failed start
+
+
+def test_a_run_that_failed_before_its_first_save_is_started_again_in_its_folder(tmp_path):
+    out = tmp_path / "run"
+    killed = teacher_run(out, "--set", "data.num_workers=0", action="kill-before-write", at=1)
+    assert killed.returncode == -signal.SIGKILL
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "preset.yaml"}
+    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    assert resumed.returncode == 2 and "Start a new run without --resume" in resumed.stderr
+    again = teacher_run(out, "--set", "data.num_workers=0", "--set", "train.max_iters=2")
+    assert again.returncode == 0, again.stderr  # the same command, other flags, no --overwrite
+    assert (out / "best.safetensors").exists()
+    (out / "notes.txt").write_text("mine")  # a folder holding anything else stays protected
+    refused = teacher_run(out, "--set", "data.num_workers=0")
+    assert refused.returncode == 2 and "already exists and is not empty" in refused.stderr
+
+
+# ------------------------------------------------------------ the teacher meant
+
+
+def test_distill_names_its_teacher_and_refuses_one_other_than_the_pairs(uninterrupted, tmp_path):
+    """The pair's teacher preset is shapes-gfl-r50 (ResNet-50); an R18 teacher run, or a file
+    written as a student, is refused with both named unless --other-teacher says so."""
+    import dataclasses
+
+    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    teacher = uninterrupted / "best.safetensors"
+    args = ["distill", "--preset", "shapes-gfl-r50-to-r18", *TINY, "--set", "data.num_workers=0",
+            "--set", "model.backbone=resnet18", "--out", str(tmp_path / "run")]  # fmt: skip
+    done = crosskd(*args, "--teacher", str(teacher))
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "Error: Teacher best.safetensors is not the teacher of preset 'shapes-gfl-r50-to-r18'" \
+           ": its backbone is resnet18, the preset's teacher 'shapes-gfl-r50''s is resnet50." \
+           in message  # fmt: skip
+    assert "add --other-teacher if this one is intended" in message
+    output = " ".join(done.stdout.split())
+    assert "Teacher best.safetensors: teacher of preset 'shapes-gfl-r18' (resnet18 gfl), " \
+           f"evaluated on {DATA}, recorded AP" in output  # fmt: skip
+    state, meta = load_checkpoint(teacher)
+    student = tmp_path / "student.safetensors"
+    save_checkpoint(student, state, dataclasses.replace(meta, kind="student", training={
+        "command": "distill"}))  # fmt: skip
+    done = crosskd(*args, "--teacher", str(student))
+    assert done.returncode == 2
+    assert "it was trained as a student (`crosskd distill` of preset 'shapes-gfl-r18')" in " ".join(
+        done.stderr.split()
+    )

@@ -168,7 +168,6 @@ def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
         read_record,
         read_run_preset,
     )
-    from crosskd_cli.state_dir import read_marker
 
     record = read_record(run)
     if record.command != request.command:
@@ -192,11 +191,22 @@ def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
         teacher = check_teacher(record.teacher, request.teacher)
     check_weights("--backbone-weights", request.backbone_weights, record.backbone_weights, hint)
     check_weights("--student-weights", request.student_weights, record.student_weights, hint)
-    marker = read_marker(run.state)
-    where = f" at iteration {marker['iteration']}" if marker else ""
-    notes = (f"Resuming {run.root}{where}.", *plan.notes)
+    notes = (resuming_line(run), *plan.notes)
     inputs = (teacher, _path(record.backbone_weights), _path(record.student_weights))
     return Resumed(plan.preset, notes, data, inputs)
+
+
+def resuming_line(run: RunDir) -> str:
+    """Which saved state the resume continues: the one recovery will keep (a save that was
+    complete but not yet swapped in when the run was killed is newer than last/)."""
+    from crosskd_cli.state_dir import newest
+
+    found = newest(run.state)
+    if found is None:
+        return f"Resuming {run.root}."
+    folder, marker = found
+    where = "" if folder == run.state else f", from {folder.name} (a save the kill left unswapped)"
+    return f"Resuming {run.root} at iteration {marker['iteration']}{where}."
 
 
 def given_data_spec(paths: DataPaths) -> str | None:

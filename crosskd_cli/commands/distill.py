@@ -75,6 +75,14 @@ def distill(
             "--eval-teacher", help="Measure the teacher on the validation data before training."
         ),
     ] = False,
+    other_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--other-teacher",
+            help="Use a --teacher whose backbone or head differs from the pair preset's teacher, "
+            "or one trained as a student (refused otherwise).",
+        ),
+    ] = False,
     student_weights: Annotated[
         Path | None,
         typer.Option("--student-weights", help="Start the student from a crosskd checkpoint."),
@@ -140,6 +148,7 @@ def distill(
             eval_teacher=eval_teacher,
             console=console,
             resume_hint=inputs.resume_hint,
+            other_teacher=other_teacher,
         )
     print_run_summary(console, run, state)
 

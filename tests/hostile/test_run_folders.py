@@ -45,7 +45,14 @@ def finished(tmp_path_factory, module_cache) -> dict[str, Path]:
     done = invoke("teacher", "--preset", "shapes-gfl-r18", *RUN, "--out", teacher)
     assert done.exit_code == 0, done.output
     done = invoke(
-        "distill", *PAIR, *RUN, "--teacher", teacher / "best.safetensors", "--out", student
+        "distill",
+        *PAIR,
+        *RUN,
+        "--other-teacher",
+        "--teacher",
+        teacher / "best.safetensors",
+        "--out",
+        student,
     )
     assert done.exit_code == 0, done.output
     return {"teacher": teacher, "student": student}
@@ -92,8 +99,10 @@ def test_the_folder_records_a_plain_preset_and_the_runs_inputs_with_the_teachers
         "backbone_weights": None,
         "student_weights": None,
     }
-    assert set(schedule) == {"iterations", "iterations_per_epoch", "warmup_iters",
-                             "decay_iterations", "gamma", "milestones", "milestone_unit"}  # fmt: skip
+    assert set(schedule) == {
+        "iterations", "iterations_per_epoch", "warmup_iters", "decay_iterations", "gamma",
+        "milestones", "milestone_unit",
+    }  # fmt: skip
     assert record(finished["teacher"])["command"] == "teacher"
 
 
@@ -297,7 +306,17 @@ def out_args(command: str, out: Path, finished: dict[str, Path]) -> list:
         return ["teacher", "--data", UNSEEN_DATA, *QUICK, "--out", out]
     if command == "distill":
         teacher = finished["teacher"] / "best.safetensors"
-        return ["distill", *PAIR, "--data", UNSEEN_DATA, "--teacher", teacher, "--out", out]
+        return [
+            "distill",
+            *PAIR,
+            "--data",
+            UNSEEN_DATA,
+            "--other-teacher",
+            "--teacher",
+            teacher,
+            "--out",
+            out,
+        ]
     if command == "eval":
         return ["eval", finished["teacher"] / "best.safetensors", "--data", UNSEEN_DATA,
                 "--out", out]  # fmt: skip
