@@ -291,7 +291,8 @@ def check_teacher_outputs(teacher: nn.Module, splits: DataSplits, path: Path) ->
     weights are: a run that diverged, or bf16's fault before 0.3): every KD term would be NaN
     and every step skipped. The same image on every process, so all refuse alike."""
     loader = build_eval_loader(splits.val, batch_size=1)
-    first = next(iter(loader))
+    with torch.random.fork_rng(devices=[]):  # a loader's iterator draws a seed: the student's
+        first = next(iter(loader))  # initialisation after this must not move
     batch = (first[0] if isinstance(first, list) else first).to(next(teacher.parameters()).device)
     head = teacher(batch.images, batch.image_sizes).head
     for name, maps in (("class logits", head.cls_logits), ("box predictions", head.box_preds)):

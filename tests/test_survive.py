@@ -502,3 +502,22 @@ def test_distill_names_its_teacher_and_refuses_one_other_than_the_pairs(uninterr
     assert "it was trained as a student (`crosskd distill` of preset 'shapes-gfl-r18')" in " ".join(
         done.stderr.split()
     )
+
+
+def test_checking_the_teacher_leaves_the_random_state_and_so_the_students_init_alone(
+    mixed_size_checkpoint,
+):
+    """The check runs before the student is built from the seeded random state: a loader's
+    iterator draws a seed from it, which would have moved every distilled student (and the
+    quickstart's table)."""
+    from crosskd_cli.config import load_preset
+    from crosskd_cli.data import load_splits
+    from crosskd_cli.jobs import check_teacher_outputs, load_teacher
+
+    data, checkpoint, _ = mixed_size_checkpoint
+    teacher, _ = load_teacher(checkpoint)
+    splits = load_splits(load_preset("shapes-gfl-r18", []).data, data)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    check_teacher_outputs(teacher.eval(), splits, checkpoint)
+    assert torch.equal(torch.get_rng_state(), before)
