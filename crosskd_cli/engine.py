@@ -776,9 +776,13 @@ class Trainer:
                  if p.requires_grad]  # fmt: skip
         if not named:
             return
-        weights = torch.stack([p.detach().abs().max().float() for _, p in named])
-        grads = torch.stack([p.grad.detach().float().norm() if p.grad is not None
-                             else weights.new_zeros(()) for _, p in named])  # fmt: skip
+        # one foreach kernel per kind: no |w| copy of every parameter
+        weights = torch.stack(torch._foreach_norm([p.detach() for _, p in named], float("inf")))
+        with_grad = [k for k, (_, p) in enumerate(named) if p.grad is not None]
+        grads = torch.zeros_like(weights)
+        if with_grad:
+            norms = torch._foreach_norm([named[k][1].grad.detach() for k in with_grad])
+            grads[with_grad] = torch.stack(norms).to(grads.dtype)
         for kind, values, limit in (("weights reach |w| =", weights, WEIGHT_LIMIT),
                                     ("gradient norm reaches", grads, GRAD_NORM_LIMIT)):  # fmt: skip
             over = (torch.isfinite(values) & (values > limit)).nonzero()
@@ -787,7 +791,7 @@ class Trainer:
                 self._magnitude_reported = True
                 self.console.print(
                     f"[yellow]Warning: {named[k][0]}'s {kind} {values[k].item():.3g} at iteration "
-                    f"{self.state.iteration} (past {limit:.0e}): training is going unstable. "
+                    f"{self.state.iteration + 1} (past {limit:.0e}): training is going unstable. "
                     "Lower train.lr or set train.grad_clip.[/]"
                 )
                 return
