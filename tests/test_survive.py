@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -364,14 +365,12 @@ def test_a_run_that_skipped_most_of_its_steps_fails_naming_the_term_and_writes_n
     assert not (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
 
 
-def test_a_weight_exploding_while_finite_is_reported_once_with_its_layer(tmp_path):
+def test_a_weight_exploding_while_finite_is_reported_once_with_its_layer(uninterrupted, tmp_path):
     """A student whose class bias starts at -2e4: finite losses, but the weight is far past
     WEIGHT_LIMIT; said once, with the layer, at the first log interval."""
     from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
 
-    teacher = tmp_path / "teacher"
-    assert teacher_run(teacher, "--set", "data.num_workers=0", "--set",
-                       "train.max_iters=1").returncode == 0  # fmt: skip
+    teacher = uninterrupted
     state, meta = load_checkpoint(teacher / "last.safetensors")
     state["head.cls_predictor.bias"] = torch.full_like(state["head.cls_predictor.bias"], -2e4)
     save_checkpoint(tmp_path / "student.safetensors", state, meta)
@@ -411,30 +410,28 @@ def rows(results: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_a_resumed_epochs_row_equals_the_uninterrupted_one(uninterrupted, tmp_path):
+def test_a_resumed_epochs_row_equals_the_uninterrupted_one_and_an_old_state_says_its_is_partial(
+    uninterrupted, tmp_path
+):
     """SIGTERM at iteration 8, in epoch 2 (iterations 7-9): the row of epoch 2 averages all
-    three steps, two before the stop and one after (it averaged the one after only)."""
-    out = tmp_path / "run"
-    stopped_then_resumed(teacher_run, out, "sigterm", 8, workers=0)
+    three steps, two before the stop and one after (it averaged the one after only). The same
+    state as crosskd 0.2 wrote it (no sums, no skipped count) still resumes, and says so."""
+    out, old = tmp_path / "run", tmp_path / "old"
+    assert teacher_run(out, "--set", "data.num_workers=0", action="sigterm",
+                       at=8).returncode == 143  # fmt: skip
+    shutil.copytree(out, old)
+    marker = json.loads((out / "last" / "trainer_state.json").read_text())
+    assert marker["epoch_kept"] == 2.0 and set(marker["epoch_sums"]) >= {"loss_qfl"}
+    assert crosskd("teacher", "--resume", "--out", str(out)).returncode == 0
     got, want = rows(out / "results.csv"), rows(uninterrupted / "results.csv")
     assert [r["epoch"] for r in got] == ["1", "2"]
     for key in [k for k in want[1] if k.startswith("loss")]:
         assert float(got[1][key]) == pytest.approx(float(want[1][key]), rel=1e-5), key
     assert got[1]["skipped_steps"] == want[1]["skipped_steps"] == "0"
-
-
-def test_a_state_without_running_sums_still_resumes_and_says_its_row_is_partial(tmp_path):
-    """A state written by crosskd 0.2 (no epoch sums, no skipped count in its marker)."""
-    out = tmp_path / "run"
-    assert teacher_run(out, "--set", "data.num_workers=0", action="sigterm",
-                       at=8).returncode == 143  # fmt: skip
-    marker_path = out / "last" / "trainer_state.json"
-    marker = json.loads(marker_path.read_text())
-    assert marker["epoch_kept"] == 2.0 and set(marker["epoch_sums"]) >= {"loss_qfl"}
     for key in ("epoch_sums", "epoch_kept", "skipped", "decays"):
         del marker[key]
-    marker_path.write_text(json.dumps(marker))
-    resumed = crosskd("teacher", "--resume", "--out", str(out))
+    (old / "last" / "trainer_state.json").write_text(json.dumps(marker))
+    resumed = crosskd("teacher", "--resume", "--out", str(old))
     assert resumed.returncode == 0, resumed.stderr
     assert "holds no running loss sums: the results row of epoch 2 averages the steps after " \
            "this resume only." in " ".join(resumed.stdout.split())  # fmt: skip
