@@ -582,9 +582,8 @@ class Trainer:
             found = loop.guard.check(losses, norm)
             loop.optimizer.step()
             loop.scheduler.step()
-            logs = (
-                state.iteration + 1
-            ) % cfg.log_interval == 0 or state.iteration + 1 == loop.total
+            step = state.iteration + 1  # the step just taken
+            logs = step % cfg.log_interval == 0 or step == loop.total
             if logs:
                 self._watch_magnitudes(loop.model)  # before the gradients go
             loop.optimizer.zero_grad(set_to_none=True)
@@ -717,9 +716,10 @@ class Trainer:
         every process: a collective, which every process reaches in `_save_state`)."""
         state = self.state
         state.skipped = int(self._guard.total.item())
-        if not state.epoch_step or not self._sums:
-            state.epoch_sums = {}
-            state.epoch_kept = max(state.epoch_kept, 0.0) if not state.epoch_step else 0.0
+        if not state.epoch_step:  # a new epoch: nothing summed yet, and all of it known
+            state.epoch_sums, state.epoch_kept = {}, 0.0
+            return
+        if not self._sums:
             return
         names = list(self._sums)
         values = torch.stack([torch.as_tensor(self._sums[k], device=self._kept.device).float()
@@ -849,7 +849,6 @@ class Trainer:
         state.epoch_step = 0
         self._pending_row = {}
         self._sums, self._kept = {}, torch.zeros_like(self._kept)
-        state.epoch_kept = max(state.epoch_kept, 0.0)  # the next epoch's sums are all known
         if finished and self.is_main:
             save_fn(self.accelerator.unwrap_model(model), "last", state.metrics)
         self._save_state()
