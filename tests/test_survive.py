@@ -131,7 +131,9 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("workers", [0, 1])  # 1: the CPU presets' persistent worker
+# 1: the CPU presets' persistent worker; 0 (slow): the resumed-row test below stops a run
+# without workers and checks the same bit-identical ending
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_sigterm_mid_epoch_saves_exits_143_and_the_resumed_run_ends_bit_identical(
     uninterrupted, tmp_path, workers
 ):
@@ -209,7 +211,9 @@ def test_every_group_wide_stop_saves_and_resumes_bit_identical(
     assert epochs_in(out / "results.csv") == [1, 2]
 
 
-@pytest.mark.parametrize("fast", [False, True])  # train.fast_step: channels-last weights
+# train.fast_step, the default: a folded teacher and channels-last weights; the plain step
+# (slow) is what the equivalence tests train with
+@pytest.mark.parametrize("fast", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_distill_run_stopped_mid_epoch_resumes_bit_identical(uninterrupted, tmp_path, fast):
     teacher = str(uninterrupted / "best.safetensors")
 
@@ -257,7 +261,8 @@ def test_a_stopped_quickstart_prints_its_command_with_every_flag_and_it_resumes(
     assert "Reusing the cached teacher" not in resumed.stdout  # it was stopped: resumed instead
 
 
-@pytest.mark.parametrize("step", ["retire", "promote"])
+# retire (slow): the sweep over every step of a save below covers it too
+@pytest.mark.parametrize("step", [pytest.param("retire", marks=pytest.mark.slow), "promote"])
 def test_sigkill_inside_the_end_of_epoch_save_resumes_with_one_row_per_epoch(
     uninterrupted, tmp_path, step
 ):
@@ -423,6 +428,7 @@ def test_a_resumed_epochs_row_equals_the_uninterrupted_one_and_an_old_state_says
     marker = json.loads((out / "last" / "trainer_state.json").read_text())
     assert marker["epoch_kept"] == 2.0 and set(marker["epoch_sums"]) >= {"loss_qfl"}
     assert crosskd("teacher", "--resume", "--out", str(out)).returncode == 0
+    assert same_weights(out / "last.safetensors", uninterrupted / "last.safetensors")
     got, want = rows(out / "results.csv"), rows(uninterrupted / "results.csv")
     assert [r["epoch"] for r in got] == ["1", "2"]
     for key in [k for k in want[1] if k.startswith("loss")]:
