@@ -56,7 +56,6 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from crosskd_cli.config import load_preset  # noqa: E402
 from crosskd_cli.data import resolve_data  # noqa: E402
 from crosskd_cli.data.coco_layout import (  # noqa: E402
     COCO_CLASSES,
@@ -66,6 +65,7 @@ from crosskd_cli.data.coco_layout import (  # noqa: E402
 )
 from crosskd_cli.evaluate import evaluate_checkpoint  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
+from crosskd_cli.preset_checks import load_preset  # noqa: E402
 from crosskd_cli.pretrained import BACKBONE_INITS, cache_path  # noqa: E402
 from tests.test_import import mmdetection_layout  # noqa: E402
 

@@ -178,7 +178,7 @@ def run_missing(args: argparse.Namespace) -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     sets = [x for item in args.overrides for x in ("--set", item)]
     log = args.work / "kd_effect.log"
-    from crosskd_cli.config import load_preset
+    from crosskd_cli.preset_checks import load_preset
 
     pair = load_preset(args.preset)
     teacher_dir = args.work / "teacher"

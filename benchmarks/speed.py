@@ -66,13 +66,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crosskd_cli.config import DistillConfig, TrainConfig, load_preset  # noqa: E402
+from crosskd_cli.config import DistillConfig, TrainConfig  # noqa: E402
 from crosskd_cli.distill import Distiller  # noqa: E402
 from crosskd_cli.engine import build_optimizer, native_bf16, resolve_device  # noqa: E402
 from crosskd_cli.families import build_criterion, get_family  # noqa: E402
 from crosskd_cli.kd_terms import resolve_distill  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
 from crosskd_cli.postprocess import postprocess  # noqa: E402
+from crosskd_cli.preset_checks import load_preset  # noqa: E402
 from crosskd_cli.runtime import (  # noqa: E402
     runtime_teacher,
     standard_layout,

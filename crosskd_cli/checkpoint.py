@@ -22,6 +22,7 @@ from crosskd_cli import __version__
 from crosskd_cli.bounded import load_json
 from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.legacy import upgrade_keys, upgrade_meta
+from crosskd_cli.models.build import check_model_names
 from crosskd_cli.schema import METADATA, Count, MaxLength, Side, parse
 from crosskd_cli.specs import ModelSpec
 from crosskd_cli.state_dir import fsync_dir, fsync_file
@@ -73,6 +74,7 @@ class CheckpointMeta:
                 hint="The file header is damaged; use another copy of the checkpoint.",
             ) from None
         meta = parse(cls, upgrade_meta(data), where=source, policy=METADATA)
+        check_model_names(meta.model, where=source, policy=METADATA)
         _check_consistent(meta, source)
         return meta
 

@@ -1,6 +1,9 @@
 """Presets: YAML files -> typed, frozen dataclasses, with strict validation and `--set` overrides.
 
-No torch here, so `crosskd --help` and preset errors stay instant.
+No torch here, and nothing of the package but the parser and errors, so `crosskd --help` and
+preset errors stay instant. The checks that ask the model zoo or the KD-term table (a head
+family's name, the method string) are `preset_checks.check_preset`, which every reader of a
+preset for work runs (`preset_checks.load_preset` reads and checks).
 """
 
 from __future__ import annotations
@@ -165,6 +168,9 @@ class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reference: dict[str, Any] = field(default_factory=dict)  # the paper's numbers, not ours
+    # Where it was read from (a file, a run's record), for errors found after parsing; never
+    # recorded (to_plain leaves it out) and not copied by dataclasses.replace
+    source: str = field(default="", init=False, compare=False, repr=False)
 
     @property
     def is_pair(self) -> bool:
@@ -186,8 +192,9 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
-def load_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
-    """Load a shipped preset by name or a YAML file by path, then apply `key=value` overrides."""
+def read_preset(name_or_path: str, overrides: list[str] | None = None) -> Preset:
+    """Read a shipped preset by name or a YAML file by path, then apply `key=value` overrides:
+    parsed and typed, not yet checked against the zoo (`preset_checks.load_preset` is both)."""
     path = _locate(name_or_path)
     return build_preset(_read_yaml(path), overrides, where=str(path), name=path.stem)
 
@@ -200,8 +207,7 @@ def build_preset(raw: Any, overrides: list[str] | None, *, where: str, name: str
     for item in overrides or []:
         apply_override(raw, item)
     preset = parse(Preset, raw, where=where, policy=PRESET)
-    _check_method(preset.distill.method, where)
-    _check_model(preset.model, where)
+    object.__setattr__(preset, "source", where)  # frozen; not a parsed field
     return preset
 
 
@@ -227,33 +233,6 @@ def _read_yaml(path: Path) -> Any:
         ) from None
     except yaml.YAMLError as exc:
         raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-
-
-def _check_model(spec: ModelSpec, where: str) -> None:
-    """Cross-field checks of the model (head_channels divisible by norm_groups, strides the
-    backbone can serve), at load, so they stop a run before any data is generated. Imported
-    here, as in `_check_method`: the checks live with the model factory (torch code)."""
-    from crosskd_cli.errors import ModelError
-    from crosskd_cli.models.build import check_spec
-
-    try:
-        check_spec(spec)
-    except ModelError as err:
-        raise ModelError(f"{where}: {err.message}", hint=err.hint) from None
-
-
-def _check_method(method: str, where: str) -> None:
-    """Parse the method string once, at load, so a typo stops before any data is read.
-
-    The KD-term table lives with the terms (torch code), so it is imported here, when a preset
-    is loaded, and not when the CLI starts (`--help` stays instant).
-    """
-    from crosskd_cli.kd_terms import parse_method
-
-    try:
-        parse_method(method)
-    except PresetError as err:
-        raise PresetError(f"{where}: {err.message}", hint=err.hint) from None
 
 
 def _locate(name_or_path: str) -> Path:

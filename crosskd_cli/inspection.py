@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosskd_cli.config import Preset, load_preset, to_dict
+from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.models import build_detector, count_parameters
 from crosskd_cli.pairing import check_cross_index, pair_problems, tap_widths
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.specs import ModelSpec
 
 _BLOCK = re.compile(r"^towers\.(\w+)\.(\d+)\.")  # towers.<name>.<k>.conv

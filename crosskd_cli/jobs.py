@@ -20,7 +20,7 @@ from crosskd_cli.checkpoint import (
     make_meta,
     save_checkpoint,
 )
-from crosskd_cli.config import Preset, load_preset, to_dict
+from crosskd_cli.config import Preset, to_dict
 from crosskd_cli.data import DataSource, DataSplits, build_eval_loader, build_loader, load_splits
 from crosskd_cli.distill import Distiller, export_as_is
 from crosskd_cli.engine import (
@@ -43,6 +43,7 @@ from crosskd_cli.pairing import (
     teacher_identity_problems,
 )
 from crosskd_cli.prediction_gap import EpochEndFn, PredictionGap
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.run_record import RunRecord, TeacherFile, file_digest, write_record
 from crosskd_cli.runs import RunDir, write_json
 from crosskd_cli.runtime import standard_layout, step_layout, to_train_layout

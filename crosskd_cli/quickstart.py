@@ -10,11 +10,12 @@ from typing import Any
 from rich.console import Console
 
 from crosskd_cli.checkpoint import read_meta
-from crosskd_cli.config import Preset, load_preset
+from crosskd_cli.config import Preset
 from crosskd_cli.data import DataSource
 from crosskd_cli.errors import RunError
 from crosskd_cli.jobs import distill_student, train_detector
 from crosskd_cli.plots import GAP_PNG, RESULTS_PNG, has_gap, plot_gap, plot_run
+from crosskd_cli.preset_checks import check_preset, load_preset
 from crosskd_cli.pretrained import resolve
 from crosskd_cli.run_record import differences, read_run_preset
 from crosskd_cli.runs import RunDir, clear_run_dir, lock_run, write_json
@@ -109,7 +110,7 @@ def check_students(pair: Preset, root: Path) -> None:
         run = student_run(root, method)
         if not (run.has_state() or run.best.is_file()) or not run.preset.is_file():
             continue
-        changed = differences(read_run_preset(run), student_preset(pair, method))
+        changed = differences(check_preset(read_run_preset(run)), student_preset(pair, method))
         if changed:
             raise RunError(
                 f"{run.root} holds a student trained with other settings: {'; '.join(changed)}.",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from crosskd_cli.bounded import Unbounded, load_yaml
-from crosskd_cli.config import Preset, build_preset, load_preset
+from crosskd_cli.config import Preset, build_preset, read_preset
 from crosskd_cli.errors import CheckpointError, DataError, PresetError, RunError
 from crosskd_cli.runs import RunDir, atomic_write_text
 from crosskd_cli.schema import Policy, parse, to_plain, yaml_words
@@ -138,9 +138,10 @@ BEFORE_RECORDED = {
 
 
 def read_run_preset(run: RunDir, overrides: list[str] | None = None) -> Preset:
-    """The run's settings (preset.yaml), with `overrides` applied."""
+    """The run's settings (preset.yaml), with `overrides` applied: parsed, not yet checked
+    against the zoo (the caller's `preset_checks.check_preset`)."""
     if run.preset.is_file():
-        return load_preset(str(run.preset), _recorded_before(run.preset) + list(overrides or []))
+        return read_preset(str(run.preset), _recorded_before(run.preset) + list(overrides or []))
     raw = _read_config(run).get("preset")  # written before preset.yaml existed
     if not isinstance(raw, dict):
         raise RunError(
@@ -152,7 +153,7 @@ def read_run_preset(run: RunDir, overrides: list[str] | None = None) -> Preset:
 
 def _recorded_before(path: Path) -> list[str]:
     """Overrides that give a run recorded before a setting existed that setting's old
-    behaviour (BEFORE_RECORDED); none for a file load_preset will refuse anyway."""
+    behaviour (BEFORE_RECORDED); none for a file read_preset will refuse anyway."""
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
             return []

@@ -7,13 +7,12 @@ input the parser reads (presets, `--set` overrides, checkpoint metadata):
     batch_size: Annotated[int, Range(1)] = 2  # >= 1
     momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9  # in [0, 1)
     scale: tuple[Side, Side] = (1333, 800)  # each item in [32, 8192] (Side is an alias)
-    family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
 
 `Range` bounds a number (and every float must be finite: nan and inf are always refused);
-`MaxLength` bounds a string or list;
-`Registry` names a dict whose keys are the valid strings, looked up when a value is parsed, so
-that a family or backbone registered later is accepted and the table (torch code) is imported
-only then. A choice fixed in the code is a `Literal[...]`. The aliases below name the ranges
+`MaxLength` bounds a string or list. A choice fixed in the code is a `Literal[...]`; a name
+looked up in a table of torch code (a head family, a backbone) stays a plain `str` here and is
+checked by `refuse_unknown_name` where that table lives, worded as the parser words a choice
+(this module imports nothing of the package but errors). The aliases below name the ranges
 fields share.
 """
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 import re
 import types
@@ -149,17 +147,6 @@ class MaxLength:
         return f"at most {self.high} {unit} long"
 
 
-@dataclass(frozen=True)
-class Registry:
-    """A string that must be a key of the dict `module.name` (e.g. the head families)."""
-
-    module: str
-    name: str
-
-    def options(self) -> list[str]:
-        return list(getattr(importlib.import_module(self.module), self.name))
-
-
 # The ranges fields share (see the module docstring)
 Count = Annotated[int, Range(1)]  # sizes, intervals and counts that cannot be zero
 Index = Annotated[int, Range(0)]  # indices, iteration counts that may be zero
@@ -211,10 +198,22 @@ def parse(cls: type, data: Any, *, where: str, policy: Policy) -> Any:
         raise _explain(problem, where, policy.root or cls.__name__, policy) from None
 
 
+def refuse_unknown_name(
+    value: str, names: typing.Iterable[str], *, where: str, path: str, policy: Policy
+) -> None:
+    """Raise `policy`'s error, worded as for a `Literal` choice (with the closest name), when
+    `value` is not one of `names`: the tables of head families and backbones are torch code,
+    so their names are checked after parsing, by the code that holds them."""
+    names = tuple(names)
+    if value not in names:
+        raise _explain(_Problem("choice", path, value, choices=names), where, path, policy)
+
+
 def to_plain(obj: Any) -> Any:
-    """A dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
+    """A dataclass as plain YAML/JSON-friendly data (tuples become lists); fields the parser
+    never reads (`init=False`, e.g. where a preset was loaded from) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
@@ -226,7 +225,7 @@ class _Problem(Exception):
     """Raised inside the parser; `parse` words it by the policy once the path is known.
 
     kind: "type" (value is not tp), "choice" (not one of a Literal's options, or of `choices`
-    for a Registry), "range" (choices: what the value must be, e.g. ">= 1"), "missing" or
+    for `refuse_unknown_name`), "range" (choices: what the value must be, e.g. ">= 1"), "missing" or
     "unknown" (choices: the valid keys).
     """
 
@@ -347,14 +346,12 @@ def _convert(tp: Any, value: Any, path: str, policy: Policy) -> Any:
 
 
 def _check_markers(value: Any, markers: tuple, path: str) -> Any:
-    """`value` (already of the annotated type) against each Range / Registry marker."""
+    """`value` (already of the annotated type) against each Range / MaxLength marker."""
     for marker in markers:
         if isinstance(marker, Range) and not marker.holds(value):
             raise _Problem("range", path, value, choices=marker.words())
         if isinstance(marker, MaxLength) and not marker.holds(value):
             raise _Problem("range", path, value, choices=marker.words(value))
-        if isinstance(marker, Registry) and value not in (options := marker.options()):
-            raise _Problem("choice", path, value, choices=tuple(options))
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from crosskd_cli.schema import Channels, Count, Index, Positive, Range, Registry
+from crosskd_cli.schema import Channels, Count, Index, Positive, Range
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale, as torchvision/MMDetection use
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -16,12 +16,15 @@ class ModelSpec:
     """Everything needed to rebuild a detector; stored in every checkpoint's metadata.
 
     Field names equal the constructor arguments they feed (see `crosskd_cli.models.build`).
+    The names that index the zoo's tables (family, backbone, backbone_init) are plain strings
+    here; `models.build.check_model_names` checks them wherever a spec is read for work.
     """
 
     # head family, a key of crosskd_cli.families.FAMILIES: gfl, retinanet, atss, fcos
-    family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
-    # resnet18/34/50/101, resnet50_caffe/101_caffe, mobilenet_v2, swin_t
-    backbone: Annotated[str, Registry("crosskd_cli.models.build", "BACKBONES")] = "resnet50"
+    family: str = "gfl"
+    # resnet18/34/50/101, resnet50_caffe/101_caffe, mobilenet_v2, swin_t: a key of
+    # crosskd_cli.models.build.BACKBONES
+    backbone: str = "resnet50"
     num_classes: Annotated[int, Range(1, 100_000)] = 80  # contiguous labels 0..num_classes-1
     fpn_channels: Channels = 256  # FPN output width (the paper's 256; CPU presets use 64-96)
     head_channels: Channels = 256  # width of every tower block
@@ -47,7 +50,7 @@ class ModelSpec:
     # where the backbone starts: "scratch", or an ImageNet file's URI as MMDetection's configs
     # name it (torchvision://resnet50, ...: crosskd_cli.pretrained.BACKBONE_INITS); looked up
     # only when a run trains the backbone, never when a checkpoint is rebuilt
-    backbone_init: Annotated[str, Registry("crosskd_cli.pretrained", "BACKBONE_INITS")] = "scratch"
+    backbone_init: str = "scratch"
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # in the channel order below
     pixel_std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     to_bgr: bool = False  # caffe-style backbones read BGR

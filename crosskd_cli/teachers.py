@@ -9,9 +9,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from crosskd_cli.config import Preset, load_preset
+from crosskd_cli.config import Preset
 from crosskd_cli.data import DataSource, cache_root
 from crosskd_cli.errors import CheckpointError
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.run_record import RESULT_NEUTRAL
 from crosskd_cli.schema import to_plain
 

@@ -66,6 +66,19 @@ def test_importing_the_app_leaves_torch_out():
     assert done.stdout.strip() == "[]"
 
 
+def test_parsing_every_preset_and_its_overrides_leaves_torch_out():
+    """The configuration layer is torch-free for good: no table of torch code behind a field
+    (head families, backbones) is imported to parse, an unknown name included."""
+    code = (
+        "import sys\nfrom crosskd_cli.config import list_presets, read_preset\n"
+        "for name in list_presets():\n    read_preset(name)\n"
+        "read_preset('gfl-r50', ['model.family=yolo', 'distill.method=crosskd+nope'])\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     "command", [[], ["teacher"], ["teacher", "import"], ["distill"], ["eval"], ["inspect"],
                 ["quickstart"], ["predict"], ["export"]]
@@ -89,7 +102,8 @@ def test_flags_read_as_flags_in_help():
 
 
 def test_teacher_defaults_to_the_default_pairs_teacher():
-    from crosskd_cli.config import DEFAULT_PAIR, DEFAULT_TEACHER, load_preset
+    from crosskd_cli.config import DEFAULT_PAIR, DEFAULT_TEACHER
+    from crosskd_cli.preset_checks import load_preset
 
     assert load_preset(DEFAULT_PAIR).teacher.preset == DEFAULT_TEACHER
     assert re.search(r"--preset .*\[default: gfl-r101\]", invoke("teacher", "--help").output)

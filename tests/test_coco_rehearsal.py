@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from crosskd_cli.checkpoint import read_meta
 from crosskd_cli.cli import app
-from crosskd_cli.config import load_preset
 from crosskd_cli.data import CocoDetection, resolve_data
 from crosskd_cli.data.coco_layout import (
     COCO_CATEGORY_IDS,
@@ -28,6 +27,7 @@ from crosskd_cli.data.coco_layout import (
 )
 from crosskd_cli.errors import DataError
 from crosskd_cli.models import build_detector
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.pretrained import BACKBONE_INITS, cache_path
 from tests.test_import import mmdetection_layout
 from tests.test_survive import crosskd

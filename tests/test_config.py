@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from crosskd_cli.config import Preset, list_presets, load_preset
+from crosskd_cli.config import Preset, list_presets
 from crosskd_cli.errors import PresetError
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.specs import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,3 +231,21 @@ def test_scientific_notation_is_a_number_on_the_command_line_and_in_presets(tmp_
     path.write_text("train:\n  lr: 2.5E-4\n  weight_decay: 5e-2\n")
     preset = load_preset(str(path))
     assert (preset.train.lr, preset.train.weight_decay) == (0.00025, 0.05)
+
+
+def test_the_zoo_check_reads_its_tables_when_checking_so_later_entries_count(monkeypatch):
+    """The parser takes any family name (it imports no torch); the check of every reader
+    (`preset_checks`) asks the family table as it is then, a family registered later included."""
+    from crosskd_cli.config import read_preset
+    from crosskd_cli.families import FAMILIES
+
+    assert read_preset("gfl-r50", ["model.family=yolo"]).model.family == "yolo"
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r50", ["model.family=gfll"])
+    assert info.value.message.endswith(
+        "gfl-r50.yaml: 'model.family' must be one of 'gfl', 'retinanet', 'atss', 'fcos', "
+        "got 'gfll'."
+    )
+    assert info.value.hint.startswith("Did you mean 'gfl'?")
+    monkeypatch.setitem(FAMILIES, "yolo", FAMILIES["gfl"])
+    assert load_preset("gfl-r50", ["model.family=yolo"]).model.family == "yolo"

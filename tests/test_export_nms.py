@@ -28,8 +28,8 @@ def checkpoints(tmp_path_factory):
     every image has plenty of detections (dozens to hundreds), final scores not tied at a
     saturated 1.0 (equal scores may come in either order): {family: path}."""
     from crosskd_cli.checkpoint import make_meta, save_checkpoint
-    from crosskd_cli.config import load_preset
     from crosskd_cli.models import build_detector
+    from crosskd_cli.preset_checks import load_preset
 
     root = tmp_path_factory.mktemp("export-nms")
     paths = {}

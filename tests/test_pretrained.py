@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from crosskd_cli import jobs
 from crosskd_cli.checkpoint import load_checkpoint
 from crosskd_cli.cli import app
-from crosskd_cli.config import list_presets, load_preset
+from crosskd_cli.config import list_presets
 from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.models import build_detector
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.pretrained import BACKBONE_INITS, SCRATCH, cache_path, resolve
 from crosskd_cli.specs import ModelSpec
 

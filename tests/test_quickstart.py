@@ -3,7 +3,7 @@ runs reused only when made with the same settings."""
 
 from __future__ import annotations
 
-from crosskd_cli.config import load_preset
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.teachers import teacher_cache_dir
 from tests.hostile.contract import invoke, refused
 

@@ -44,8 +44,8 @@ from typer.testing import CliRunner
 
 from crosskd_cli.checkpoint import make_meta, read_meta, save_checkpoint
 from crosskd_cli.cli import app
-from crosskd_cli.config import load_preset
 from crosskd_cli.models import build_detector
+from crosskd_cli.preset_checks import load_preset
 
 LOSS_RTOL, UPDATE_RTOL = 1e-6, 1e-6
 

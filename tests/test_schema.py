@@ -8,7 +8,15 @@ from typing import Annotated, Any, Literal
 import pytest
 
 from crosskd_cli.errors import CheckpointError, PresetError
-from crosskd_cli.schema import METADATA, PRESET, MaxLength, Range, Registry, parse, to_plain
+from crosskd_cli.schema import (
+    METADATA,
+    PRESET,
+    MaxLength,
+    Range,
+    parse,
+    refuse_unknown_name,
+    to_plain,
+)
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,6 @@ class Limits:
     clip: Annotated[float, Range(0, low_open=True)] | None = None
     sides: tuple[Annotated[int, Range(32, 64)], ...] = (32,)
     plain: float = 1.0
-    family: Annotated[str, Registry("crosskd_cli.families", "FAMILIES")] = "gfl"
     note: Annotated[str, MaxLength(5)] = ""
 
 
@@ -156,13 +163,10 @@ class Limits:
         ({"sides": [32, 65]}, "sides[1]", "in [32, 64]", "65"),
         ({"plain": float("nan")}, "plain", "a finite number", "nan"),
         ({"clip": float("inf")}, "clip", "a finite number", "inf"),
-        ({"family": "yolo"}, "family", "one of 'gfl', 'retinanet', 'atss', 'fcos'", "'yolo'"),
         ({"note": "longer"}, "note", "at most 5 characters long", "'longer'"),
     ],
 )
-def test_ranges_finiteness_and_registries_are_checked_under_both_policies(
-    data, path, expected, given
-):
+def test_ranges_and_finiteness_are_checked_under_both_policies(data, path, expected, given):
     error = preset_error(data, Limits)
     assert error.message == f"p.yaml: '{path}' must be {expected}, got {given}."
     settable = path.split("[")[0]  # --set replaces the whole list
@@ -174,17 +178,27 @@ def test_ranges_finiteness_and_registries_are_checked_under_both_policies(
     )
 
 
-def test_a_registry_reads_its_table_when_parsing_so_later_entries_count(monkeypatch):
-    from crosskd_cli.families import FAMILIES
-
-    monkeypatch.setitem(FAMILIES, "yolo", FAMILIES["gfl"])
-    assert parse(Limits, {"family": "yolo"}, where="w", policy=PRESET).family == "yolo"
-    assert preset_error({"family": "gfll"}, Limits).hint.startswith("Did you mean 'gfl'?")
-
-
 def test_values_in_range_pass_unchanged_and_bounds_read_as_typed():
-    data = {"count": 1, "rate": 0, "clip": 35, "sides": [32, 64], "family": "fcos"}
-    assert parse(Limits, data, where="w", policy=PRESET) == Limits(
-        1, 0.0, 35.0, (32, 64), 1.0, "fcos"
-    )
+    data = {"count": 1, "rate": 0, "clip": 35, "sides": [32, 64]}
+    assert parse(Limits, data, where="w", policy=PRESET) == Limits(1, 0.0, 35.0, (32, 64), 1.0)
     assert Range(0, 1).words() == "in [0, 1]" and Range(0.5).words() == ">= 0.5"
+
+
+def test_a_name_outside_a_table_is_refused_as_a_choice_under_both_policies():
+    """The names that index torch-side tables (head families, backbones) are checked after
+    parsing, worded as the parser words a choice, with the closest name as the hint."""
+    families = ["gfl", "retinanet", "atss", "fcos"]
+    refuse_unknown_name("atss", families, where="p.yaml", path="model.family", policy=PRESET)
+    with pytest.raises(PresetError) as info:
+        refuse_unknown_name("atts", families, where="p.yaml", path="model.family", policy=PRESET)
+    expected = "one of 'gfl', 'retinanet', 'atss', 'fcos'"
+    assert info.value.message == f"p.yaml: 'model.family' must be {expected}, got 'atts'."
+    assert (
+        info.value.hint
+        == "Did you mean 'atss'? Fix it in the preset or with --set model.family=VALUE"
+    )
+    with pytest.raises(CheckpointError) as info:
+        refuse_unknown_name("yolo", families, where="ck", path="model.family", policy=METADATA)
+    assert info.value.message == (
+        f"Checkpoint 'ck' metadata field 'model.family' should be {expected}, got 'yolo'."
+    )

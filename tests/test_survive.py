@@ -513,9 +513,9 @@ def test_checking_the_teacher_leaves_the_random_state_and_so_the_students_init_a
     """The check runs before the student is built from the seeded random state: a loader's
     iterator draws a seed from it, which would have moved every distilled student (and the
     quickstart's table)."""
-    from crosskd_cli.config import load_preset
     from crosskd_cli.data import load_splits
     from crosskd_cli.jobs import check_teacher_outputs, load_teacher
+    from crosskd_cli.preset_checks import load_preset
 
     data, checkpoint, _ = mixed_size_checkpoint
     teacher, _ = load_teacher(checkpoint)

@@ -15,7 +15,6 @@ import typer
 from rich.console import Console
 
 from crosskd_cli.commands._common import data_source
-from crosskd_cli.config import load_preset
 
 if TYPE_CHECKING:
     from crosskd_cli.config import Preset
@@ -76,6 +75,7 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
     """
     from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
     from crosskd_cli.errors import OptionError
+    from crosskd_cli.preset_checks import load_preset
     from crosskd_cli.runs import check_folder
 
     if request.resume and request.overwrite:
@@ -160,6 +160,7 @@ def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
     """The run's own inputs, from its folder; anything given again must be the same, but for
     a longer schedule and the settings that change no result."""
     from crosskd_cli.errors import RunError
+    from crosskd_cli.preset_checks import check_preset, load_preset
     from crosskd_cli.run_record import (
         check_data,
         check_teacher,
@@ -181,9 +182,13 @@ def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
     if given_preset is not None:
         requested = load_preset(given_preset, request.settings)
     else:
-        requested = read_run_preset(run, request.settings)
+        requested = check_preset(read_run_preset(run, request.settings))
     plan = plan_resume(
-        read_run_preset(run), requested, keys, preset_given=given_preset, resume_command=hint
+        check_preset(read_run_preset(run)),
+        requested,
+        keys,
+        preset_given=given_preset,
+        resume_command=hint,
     )
     data = check_data(given_data_spec(request.paths), record.data, hint)
     teacher = None

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crosskd_cli.commands._options import DataOpt, OverwriteOpt, SetOpt
-from crosskd_cli.config import DEFAULT_PAIR, list_presets, load_preset, to_dict
+from crosskd_cli.config import DEFAULT_PAIR, list_presets, to_dict
 from crosskd_cli.errors import CrossKDError
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ def inspect(
     Fig. 2: crosskd inspect --targets --preset shapes-gfl-r34-to-r18 --data builtin:shapes
     --image-id 3
     """
+    from crosskd_cli.preset_checks import load_preset
+
     if fmt not in ("table", "json"):
         raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
     if targets:
@@ -290,6 +292,8 @@ def _cross_summary(report: PairReport) -> str:
 
 
 def _print_presets() -> None:
+    from crosskd_cli.preset_checks import load_preset
+
     table = Table(title="Presets", title_justify="left")
     table.add_column("name")
     table.add_column("kind")

@@ -11,7 +11,6 @@ from rich.console import Console
 
 from crosskd_cli.commands._common import data_source
 from crosskd_cli.commands._options import DataOpt, DownloadWeightsOpt, SetOpt
-from crosskd_cli.config import load_preset
 from crosskd_cli.errors import RunError
 
 console = Console()
@@ -37,6 +36,7 @@ def quickstart(
     Example: crosskd quickstart
     """
     from crosskd_cli.metrics import comparison_table
+    from crosskd_cli.preset_checks import load_preset
     from crosskd_cli.pretrained import resolve
     from crosskd_cli.quickstart import pictures, run_quickstart
     from crosskd_cli.runs import check_folder

@@ -35,7 +35,7 @@ from crosskd_cli.commands._run import (
     started_run,
     typed,
 )
-from crosskd_cli.config import DEFAULT_TEACHER, load_preset
+from crosskd_cli.config import DEFAULT_TEACHER
 
 console = Console()
 
@@ -145,6 +145,7 @@ def import_weights(
     Example: crosskd teacher import gfl_r101_fpn_ms2x.pth --preset gfl-r101 --data /coco
     """
     from crosskd_cli.importing import ImportMismatch, import_teacher
+    from crosskd_cli.preset_checks import load_preset
 
     spec = load_preset(preset, list(overrides or []))
     given = data is not None or val_ann is not None or val_images is not None

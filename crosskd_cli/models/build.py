@@ -7,13 +7,18 @@ from pathlib import Path
 
 from torch import nn
 
+# the submodules by their own names: `from crosskd_cli.models import` would be the package,
+# whose __init__ imports this module
+import crosskd_cli.models.backbones as backbones
+import crosskd_cli.models.mobilenet as mobilenet
+import crosskd_cli.models.swin as swin
 from crosskd_cli.errors import ModelError, lookup
-from crosskd_cli.families import get_family
-from crosskd_cli.models import backbones, mobilenet, swin
+from crosskd_cli.families import FAMILIES, get_family
 from crosskd_cli.models.backbones import Backbone
 from crosskd_cli.models.dense_head import DenseHead
 from crosskd_cli.models.detector import Detector
 from crosskd_cli.models.fpn import FPN
+from crosskd_cli.schema import Policy, refuse_unknown_name
 from crosskd_cli.specs import ModelSpec
 
 MAX_ANCHOR_RATIOS = 16  # RetinaNet uses 3
@@ -46,6 +51,25 @@ def build_head(spec: ModelSpec) -> DenseHead:
         num_anchors=family.priors(spec).per_location,
         **family.head_options,
     )
+
+
+def check_model_names(spec: ModelSpec, *, where: str, policy: Policy, path: str = "model") -> None:
+    """The spec's names that index the zoo's tables (family, backbone, backbone_init) are
+    among their keys, each refused as the parser refuses a choice (`policy`'s wording, the
+    closest name as a hint). Run wherever a spec is read for work: a preset's check
+    (`preset_checks`) and a checkpoint's metadata (`checkpoint.CheckpointMeta.from_json`)."""
+    # pretrained imports models.backbones: importing it at the top would be a cycle
+    from crosskd_cli.pretrained import BACKBONE_INITS
+
+    for field, table in (
+        ("family", FAMILIES),
+        ("backbone", BACKBONES),
+        ("backbone_init", BACKBONE_INITS),
+    ):
+        names = list(table)
+        refuse_unknown_name(
+            getattr(spec, field), names, where=where, path=f"{path}.{field}", policy=policy
+        )
 
 
 def check_spec(spec: ModelSpec) -> None:

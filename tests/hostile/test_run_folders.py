@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from crosskd_cli.config import load_preset
 from crosskd_cli.data import cache_root
+from crosskd_cli.preset_checks import load_preset
 from crosskd_cli.run_record import file_digest
 from crosskd_cli.runs import claim_run_dir
 from tests.hostile.contract import QUICK, UNSEEN_DATA, digests, generated, invoke, refused
