@@ -105,11 +105,12 @@ def export_and_compare(checkpoint, fmt, tmp_path):
 @pytest.mark.parametrize(
     ("family", "fmt"),
     [
-        # the default suite exports pt2 in the next test (RetinaNet) and GFL to ONNX here
+        # all slow (25 s each): the default suite exports RetinaNet to pt2 in the next test,
+        # and test_predict.py exports every format without --nms
         pytest.param("gfl", "pt2", marks=pytest.mark.slow),
         pytest.param("atss", "pt2", marks=pytest.mark.slow),
         pytest.param("fcos", "pt2", marks=pytest.mark.slow),
-        pytest.param("gfl", "onnx", marks=needs_onnx),
+        pytest.param("gfl", "onnx", marks=[needs_onnx, pytest.mark.slow]),
         pytest.param("atss", "onnx", marks=[needs_onnx, pytest.mark.slow]),
         pytest.param("fcos", "onnx", marks=[needs_onnx, pytest.mark.slow]),
         pytest.param("retinanet", "onnx", marks=[needs_onnx, pytest.mark.slow]),
