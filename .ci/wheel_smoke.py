@@ -58,7 +58,7 @@ crosskd("eval", "student/best.safetensors", "--out", "eval")
 sys.path.append(str(checkout))
 import torch  # noqa: E402
 
-from crosskd_cli.checkpoint import load_checkpoint, load_state_into  # noqa: E402
+from crosskd_cli.checkpoints.format import load_checkpoint, load_state_into  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
 from tests.test_import import mmdetection_layout  # noqa: E402
 

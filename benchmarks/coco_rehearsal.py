@@ -63,10 +63,10 @@ from crosskd_cli.data.coco_layout import (  # noqa: E402
     COCO_VAL_IMAGES,
     write_coco_folder,
 )
-from crosskd_cli.evaluate import evaluate_checkpoint  # noqa: E402
+from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
+from crosskd_cli.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
-from crosskd_cli.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.pretrained import BACKBONE_INITS, cache_path  # noqa: E402
+from crosskd_cli.models.pretrained import BACKBONE_INITS, cache_path  # noqa: E402
 from tests.test_import import mmdetection_layout  # noqa: E402
 
 PRESET, TEACHER_PRESET = "gfl-r101-to-r50", "gfl-r101"

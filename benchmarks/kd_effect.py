@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_report import label_of, write_report  # noqa: E402
 
-from crosskd_cli.importing import file_digest  # noqa: E402
+from crosskd_cli.storage.files import file_digest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "kd_effect"
@@ -178,7 +178,7 @@ def run_missing(args: argparse.Namespace) -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     sets = [x for item in args.overrides for x in ("--set", item)]
     log = args.work / "kd_effect.log"
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.distill.preset_checks import load_preset
 
     pair = load_preset(args.preset)
     teacher_dir = args.work / "teacher"

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from crosskd_cli.plots import plot_gap
+from crosskd_cli.viz.plots import plot_gap
 
 METHODS = ("none", "mimic", "crosskd")
 

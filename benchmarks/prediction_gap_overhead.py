@@ -20,14 +20,14 @@ import torch
 from rich.console import Console
 
 from crosskd_cli.data import build_loader, load_splits, resolve_data
-from crosskd_cli.distill import Distiller
-from crosskd_cli.engine import native_bf16
+from crosskd_cli.distill.distiller import Distiller
+from crosskd_cli.distill.kd_terms import resolve_distill
+from crosskd_cli.distill.prediction_gap import PredictionGap
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.engine.trainer import native_bf16
 from crosskd_cli.families import build_criterion, get_family
-from crosskd_cli.jobs import load_teacher, spec_for_data
-from crosskd_cli.kd_terms import resolve_distill
 from crosskd_cli.models import build_detector
-from crosskd_cli.prediction_gap import PredictionGap
-from crosskd_cli.preset_checks import load_preset
+from crosskd_cli.runs.jobs import load_teacher, spec_for_data
 
 
 def main() -> None:

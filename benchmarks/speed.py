@@ -66,22 +66,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crosskd_cli.config import DistillConfig, TrainConfig  # noqa: E402
-from crosskd_cli.distill import Distiller  # noqa: E402
-from crosskd_cli.engine import build_optimizer, native_bf16, resolve_device  # noqa: E402
+from crosskd_cli.config.presets import DistillConfig, TrainConfig  # noqa: E402
+from crosskd_cli.detection.structures import Batch, Target  # noqa: E402
+from crosskd_cli.distill.distiller import Distiller  # noqa: E402
+from crosskd_cli.distill.kd_terms import resolve_distill  # noqa: E402
+from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
+from crosskd_cli.engine.trainer import build_optimizer, native_bf16, resolve_device  # noqa: E402
 from crosskd_cli.families import build_criterion, get_family  # noqa: E402
-from crosskd_cli.kd_terms import resolve_distill  # noqa: E402
+from crosskd_cli.inference.postprocess import postprocess  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
-from crosskd_cli.postprocess import postprocess  # noqa: E402
-from crosskd_cli.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.runtime import (  # noqa: E402
+from crosskd_cli.models.fast_step import (  # noqa: E402
     runtime_teacher,
     standard_layout,
     step_layout,
     to_train_layout,
     with_conv_weights_in,
 )
-from crosskd_cli.structures import Batch, Target  # noqa: E402
 
 SECTIONS = ("distill", "floor", "inference", "peers", "data", "metric")
 METHODS = ("crosskd@0", "crosskd@1", "crosskd@2", "crosskd@3", "crosskd@4", "mimic", "pkd",
@@ -169,7 +169,7 @@ class Workload:
     student: str = "gfl-r18"
     size: tuple[int, int] = (512, 512)
     batch: int = 2
-    fast: bool = True  # the distiller's fast path (crosskd_cli.runtime), as training runs
+    fast: bool = True  # the distiller's fast path (crosskd_cli.models.fast_step), as training runs
 
 
 def build_step(
@@ -590,7 +590,7 @@ def metric_section(args: argparse.Namespace, clock: Clock) -> list[Figure]:
 
     from pycocotools.coco import COCO
 
-    from crosskd_cli.metrics import BACKENDS, coco_metrics
+    from crosskd_cli.inference.metrics import BACKENDS, coco_metrics
 
     rng = np.random.default_rng(0)
     count = args.metric_images
@@ -722,7 +722,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--slow-repeats", type=int, default=3, help="repeats of the long figures")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    p.add_argument("--no-fast", action="store_true", help="without crosskd_cli.runtime")
+    p.add_argument("--no-fast", action="store_true", help="without crosskd_cli.models.fast_step")
     p.add_argument("--data-images", type=int, default=32)
     p.add_argument("--data-workers", type=lambda s: [int(w) for w in s.split(",")], default=[2])
     p.add_argument("--no-consumer", action="store_true", help="skip the 1333x800 crosskd step")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from crosskd_cli.box_coders import BoxCoder, DeltaCoder, DistanceCoder, DistributionCoder
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria import (
     ATSSCriterion,
     DenseCriterion,
@@ -22,9 +22,9 @@ from crosskd_cli.criteria import (
     GFLCriterion,
     RetinaNetCriterion,
 )
+from crosskd_cli.detection.box_coders import BoxCoder, DeltaCoder, DistanceCoder, DistributionCoder
+from crosskd_cli.detection.targets import AnchorGrid, anchor_grid, point_grid
 from crosskd_cli.errors import lookup
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.targets import AnchorGrid, anchor_grid, point_grid
 
 
 @dataclass(frozen=True)

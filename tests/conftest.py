@@ -123,10 +123,10 @@ def mixed_size_checkpoint(tmp_path_factory):
     source, checkpoint path, the model)."""
     import dataclasses
 
-    from crosskd_cli.checkpoint import make_meta, save_checkpoint
+    from crosskd_cli.checkpoints.format import make_meta, save_checkpoint
     from crosskd_cli.data import resolve_data
+    from crosskd_cli.distill.preset_checks import load_preset
     from crosskd_cli.models import build_detector
-    from crosskd_cli.preset_checks import load_preset
 
     root = tmp_path_factory.mktemp("mixed")
     images = [

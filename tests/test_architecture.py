@@ -1,9 +1,9 @@
-"""The layers of docs/architecture.md, held: no module imports from a layer below it.
+"""The layers of docs/architecture.md, held over packages: nothing imports from a layer above it.
 
 Imports are read from the source (module level and inside functions alike; `TYPE_CHECKING`
 blocks excepted), and so is every string that names a module of the package (what
-`importlib.import_module` or a registry by name would import), so a new module must be placed
-in a layer here and in the document.
+`importlib.import_module` or a registry by name would import), so a new package or top-level
+module must be placed in a layer here and in the document.
 """
 
 from __future__ import annotations
@@ -15,32 +15,36 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "crosskd_cli"
 
-# Layer of each module (dotted, without "crosskd_cli."); a prefix ending in "." covers a folder.
+# Layer of each package or top-level module (without "crosskd_cli."), lowest first. A module may
+# import its own package and the packages of its layer and below; packages of one layer must
+# not import each other in a circle (test_no_two_packages_import_each_other).
 LAYERS = {
-    0: ["errors", "specs", "schema", "bounded", "config", "runs", "run_record", "state_dir",
-        "progress", "metrics", "safe_pickle", "data.builtin", "data.coco_layout", "data.source",
-        "batching", "schedule", "plots",
-        "__init__"],
-    1: ["structures", "targets", "losses", "box_coders", "drawing", "data."],
-    2: ["models.backbones", "models.mobilenet", "models.swin", "models.fpn", "models.dense_head",
-        "models.detector", "criteria."],
+    0: ["errors", "__init__", "config", "storage"],
+    1: ["detection", "data", "viz"],
+    2: ["criteria"],
     3: ["families"],
-    4: ["models.build", "models.__init__", "distill", "kd_terms", "preset_checks", "postprocess",
-        "pairing",
-        "legacy", "checkpoint", "inspection", "backbone_import", "pretrained",
-        "prediction_gap", "runtime"],
-    5: ["engine", "evaluate", "jobs", "importing", "teachers", "quickstart", "api", "predicting",
-        "eval_pictures", "exporting", "target_maps"],
-    6: ["commands.", "cli", "__main__"],
-}  # fmt: skip
+    4: ["models"],
+    5: ["checkpoints"],
+    6: ["distill"],
+    7: ["engine"],
+    8: ["inference"],
+    9: ["runs"],
+    10: ["api", "commands", "cli", "__main__"],
+}
+TORCH_FREE = ("config", "storage")  # parse presets, claim run folders: no torch, no package code
+
+
+def unit_of(module: str) -> str:
+    """The package (or top-level module) a dotted module name belongs to."""
+    return module.split(".")[0]
 
 
 def layer_of(module: str) -> int:
+    unit = unit_of(module)
     for layer, names in LAYERS.items():
-        for name in names:
-            if module == name or (name.endswith(".") and module.startswith(name)):
-                return layer
-    raise AssertionError(f"crosskd_cli.{module} is in no layer: add it to LAYERS and the doc")
+        if unit in names:
+            return layer
+    raise AssertionError(f"crosskd_cli.{unit} is in no layer: add it to LAYERS and the doc")
 
 
 def modules() -> dict[str, Path]:
@@ -90,10 +94,59 @@ MODULES = modules()
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_no_module_imports_from_a_layer_below_it(module):
+def test_no_module_imports_from_a_layer_above_it(module):
     own = layer_of(module)
     upward = [(dep, layer_of(dep)) for dep in imports_of(MODULES[module]) if layer_of(dep) > own]
     assert not upward, f"{module} (layer {own}) imports from higher layers: {upward}"
+
+
+def test_no_two_packages_import_each_other():
+    """Within a layer too, the packages form no circle (`data` may use `detection`, not both)."""
+    edges: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        deps = {unit_of(dep) for dep in imports_of(path)} - {unit_of(module)}
+        edges.setdefault(unit_of(module), set()).update(deps)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt}))
+            for nxt in edges.get(start, ())
+        )
+
+    circles = sorted(unit for unit in edges if reaches(unit, unit, {unit}))
+    assert not circles, f"packages in an import circle: {circles}"
+
+
+def test_no_import_cycle_among_modules():
+    """Every import counts, function-level ones too: a cycle hidden inside a function (config
+    importing the model factory to check a preset) once held 11 modules together."""
+    edges = {module: imports_of(path) - {module} for module, path in MODULES.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for dep in sorted(edges.get(module, ())):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep] if dep in path else [module, dep]
+            if dep not in state and (found := visit(dep, [*path, dep])):
+                return found
+        state[module] = 2
+        return None
+
+    for module in sorted(edges):
+        if module not in state:
+            cycle = visit(module, [module])
+            assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.parametrize("package", TORCH_FREE)
+def test_the_torch_free_packages_import_only_themselves_and_errors(package):
+    for module, path in MODULES.items():
+        if unit_of(module) == package:
+            others = {unit_of(dep) for dep in imports_of(path)} - {package, "errors"}
+            assert not others, f"{module} imports {sorted(others)}"
+            text = path.read_text()
+            assert "import torch" not in text and "from torch" not in text, module
 
 
 def test_a_module_named_by_a_string_counts_as_an_import(tmp_path):
@@ -118,4 +171,5 @@ def test_only_the_engine_imports_accelerate():
         )
     ]
     # `inspect --env` only prints Accelerate's version
-    assert set(importers) == {"engine", "commands.inspect"}
+    assert {unit_of(name) for name in importers} == {"engine", "commands"}
+    assert [name for name in importers if unit_of(name) == "commands"] == ["commands.inspect"]

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from crosskd_cli.backbone_import import RULES, convert_mmdet_backbone, unfold_to_concat_order
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.errors import ModelError
 from crosskd_cli.models import BACKBONES, build_detector, load_torchvision_weights
+from crosskd_cli.models.backbone_import import RULES, convert_mmdet_backbone, unfold_to_concat_order
 from crosskd_cli.models.backbones import ResNetBackbone, resnet50, resnet50_caffe
 from crosskd_cli.models.mobilenet import LAYER_ENDS, mobilenet_v2
 from crosskd_cli.models.swin import SwinTBackbone, swin_t
-from crosskd_cli.specs import ModelSpec
 
 NEW_BACKBONES = {
     "resnet50_caffe": (512, 1024, 2048),

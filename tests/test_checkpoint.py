@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from crosskd_cli.checkpoint import (
+from crosskd_cli.checkpoints.format import (
     CheckpointMeta,
     load_checkpoint,
     load_state_into,
     read_meta,
     save_checkpoint,
 )
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.errors import CheckpointError
-from crosskd_cli.specs import ModelSpec
 
 
 class TinyNet(nn.Module):

@@ -11,10 +11,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import read_meta
+from crosskd_cli.checkpoints.format import read_meta
 from crosskd_cli.cli import app
 from crosskd_cli.data import load_splits, resolve_data
-from crosskd_cli.preset_checks import load_preset
+from crosskd_cli.distill.preset_checks import load_preset
 from tests.conftest import make_coco
 
 runner = CliRunner()

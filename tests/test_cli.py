@@ -12,7 +12,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from crosskd_cli import __version__
-from crosskd_cli.checkpoint import load_checkpoint, read_meta
+from crosskd_cli.checkpoints.format import load_checkpoint, read_meta
 from crosskd_cli.cli import app
 
 runner = CliRunner()
@@ -70,7 +70,7 @@ def test_parsing_every_preset_and_its_overrides_leaves_torch_out():
     """The configuration layer is torch-free for good: no table of torch code behind a field
     (head families, backbones) is imported to parse, an unknown name included."""
     code = (
-        "import sys\nfrom crosskd_cli.config import list_presets, read_preset\n"
+        "import sys\nfrom crosskd_cli.config.presets import list_presets, read_preset\n"
         "for name in list_presets():\n    read_preset(name)\n"
         "read_preset('gfl-r50', ['model.family=yolo', 'distill.method=crosskd+nope'])\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
@@ -102,8 +102,8 @@ def test_flags_read_as_flags_in_help():
 
 
 def test_teacher_defaults_to_the_default_pairs_teacher():
-    from crosskd_cli.config import DEFAULT_PAIR, DEFAULT_TEACHER
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.config.presets import DEFAULT_PAIR, DEFAULT_TEACHER
+    from crosskd_cli.distill.preset_checks import load_preset
 
     assert load_preset(DEFAULT_PAIR).teacher.preset == DEFAULT_TEACHER
     assert re.search(r"--preset .*\[default: gfl-r101\]", invoke("teacher", "--help").output)

@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import read_meta
+from crosskd_cli.checkpoints.format import read_meta
 from crosskd_cli.cli import app
 from crosskd_cli.data import CocoDetection, resolve_data
 from crosskd_cli.data.coco_layout import (
@@ -25,10 +25,10 @@ from crosskd_cli.data.coco_layout import (
     COCO_SIZES,
     write_coco_folder,
 )
+from crosskd_cli.distill.preset_checks import load_preset
 from crosskd_cli.errors import DataError
 from crosskd_cli.models import build_detector
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.pretrained import BACKBONE_INITS, cache_path
+from crosskd_cli.models.pretrained import BACKBONE_INITS, cache_path
 from tests.test_import import mmdetection_layout
 from tests.test_survive import crosskd
 

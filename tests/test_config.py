@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from crosskd_cli.config import Preset, list_presets
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import Preset, list_presets
+from crosskd_cli.distill.preset_checks import load_preset
 from crosskd_cli.errors import PresetError
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.specs import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ PAPER_PAIRS = {
 
 @pytest.mark.parametrize("name", sorted(PAPER_PAIRS))
 def test_every_paper_pair_is_compatible_at_its_index_with_its_reference(name):
-    from crosskd_cli.pairing import pair_problems
+    from crosskd_cli.distill.pairing import pair_problems
 
     teacher_backbone, student_backbone, method, index, key, ap = PAPER_PAIRS[name]
     pair = load_preset(name)
@@ -236,7 +236,7 @@ def test_scientific_notation_is_a_number_on_the_command_line_and_in_presets(tmp_
 def test_the_zoo_check_reads_its_tables_when_checking_so_later_entries_count(monkeypatch):
     """The parser takes any family name (it imports no torch); the check of every reader
     (`preset_checks`) asks the family table as it is then, a family registered later included."""
-    from crosskd_cli.config import read_preset
+    from crosskd_cli.config.presets import read_preset
     from crosskd_cli.families import FAMILIES
 
     assert read_preset("gfl-r50", ["model.family=yolo"]).model.family == "yolo"

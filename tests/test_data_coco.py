@@ -11,8 +11,8 @@ from PIL import Image
 
 from crosskd_cli.data import CocoDetection, build_loader, collate, resolve_data
 from crosskd_cli.data.transforms import build_transforms, keep_ratio_size
+from crosskd_cli.detection.structures import Target
 from crosskd_cli.errors import DataError
-from crosskd_cli.structures import Target
 from tests.conftest import make_coco, write_image
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import load_checkpoint, read_meta
+from crosskd_cli.checkpoints.format import load_checkpoint, read_meta
 from crosskd_cli.cli import app
-from crosskd_cli.metrics import METRIC_KEYS
+from crosskd_cli.inference.metrics import METRIC_KEYS
 
 TINY = [
     "--data", "builtin:shapes:images=24,val=8,size=96", "--set", "train.max_iters=3",
@@ -102,7 +102,7 @@ def test_fcos_distills_as_two_gloo_processes(tmp_path):
 
 SIGTERM_ONE_RANK = """
 import os, signal, sys
-from crosskd_cli import engine
+from crosskd_cli.engine import trainer as engine
 
 if os.environ.get("RANK") == "1":  # the scheduler's signal reaches one process only
     check, seen = engine.NonFiniteGuard.check, {"steps": 0}

@@ -8,10 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from crosskd_cli.checkpoint import CheckpointMeta
-from crosskd_cli.config import DistillConfig
+from crosskd_cli.checkpoints.format import CheckpointMeta
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.criteria import FlatOutputs
-from crosskd_cli.distill import (
+from crosskd_cli.detection.structures import Batch, Target
+from crosskd_cli.detection.targets import DenseTargets
+from crosskd_cli.distill.distiller import (
     AdaptedStudent,
     Distiller,
     TapAdapter,
@@ -19,14 +22,11 @@ from crosskd_cli.distill import (
     cross_head_forward,
     tap_stats,
 )
+from crosskd_cli.distill.kd_terms import parse_method
+from crosskd_cli.distill.pairing import check_cross_index, check_pair, pair_problems
 from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.families import build_criterion
-from crosskd_cli.kd_terms import parse_method
 from crosskd_cli.models import build_detector
-from crosskd_cli.pairing import check_cross_index, check_pair, pair_problems
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import Batch, Target
-from crosskd_cli.targets import DenseTargets
 
 STUDENT = ModelSpec(
     backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8

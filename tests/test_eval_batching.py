@@ -13,8 +13,8 @@ from accelerate.data_loader import prepare_data_loader
 
 from crosskd_cli.data import CocoDetection, build_eval_loader, build_loader
 from crosskd_cli.data.collate import SameShapeBatches, collate_by_shape, padded_size
-from crosskd_cli.evaluate import evaluate_checkpoint, predict
-from crosskd_cli.structures import Target
+from crosskd_cli.detection.structures import Target
+from crosskd_cli.inference.evaluate import evaluate_checkpoint, predict
 from tests.conftest import one_thread
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from crosskd_cli.api import Predictor
 from crosskd_cli.cli import app
-from crosskd_cli.postprocess import postprocess, postprocess_padded
+from crosskd_cli.inference.postprocess import postprocess, postprocess_padded
 from tests.conftest import assert_close_to_scale
 
 runner = CliRunner()
@@ -27,9 +27,9 @@ def checkpoints(tmp_path_factory):
     """One random-weight checkpoint per family (ResNet-18, 2 classes), class bias 0 so that
     every image has plenty of detections (dozens to hundreds), final scores not tied at a
     saturated 1.0 (equal scores may come in either order): {family: path}."""
-    from crosskd_cli.checkpoint import make_meta, save_checkpoint
+    from crosskd_cli.checkpoints.format import make_meta, save_checkpoint
+    from crosskd_cli.distill.preset_checks import load_preset
     from crosskd_cli.models import build_detector
-    from crosskd_cli.preset_checks import load_preset
 
     root = tmp_path_factory.mktemp("export-nms")
     paths = {}

@@ -14,15 +14,15 @@ import torch
 from torch import Tensor
 from typer.testing import CliRunner
 
-from crosskd_cli.box_coders import DistributionCoder
-from crosskd_cli.checkpoint import read_meta
+from crosskd_cli.checkpoints.format import read_meta
 from crosskd_cli.cli import app
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria import GFLCriterion
+from crosskd_cli.detection.box_coders import DistributionCoder
+from crosskd_cli.detection.structures import HeadOutput
+from crosskd_cli.distill.kd_terms import KD_TERMS, KDTerm, parse_method
 from crosskd_cli.families import FAMILIES, Family
-from crosskd_cli.kd_terms import KD_TERMS, KDTerm, parse_method
-from crosskd_cli.postprocess import postprocess
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import HeadOutput
+from crosskd_cli.inference.postprocess import postprocess
 
 runner = CliRunner()
 TINY = [

@@ -8,14 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crosskd_cli.config import DistillConfig
-from crosskd_cli.distill import Distiller, cross_head_forward
-from crosskd_cli.families import build_criterion, get_family
-from crosskd_cli.models import build_detector
-from crosskd_cli.postprocess import postprocess
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import Batch, HeadOutput, Target
-from crosskd_cli.targets import (
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import DistillConfig
+from crosskd_cli.detection.structures import Batch, HeadOutput, Target
+from crosskd_cli.detection.targets import (
     IGNORED,
     NEGATIVE,
     OUT_OF_IMAGE,
@@ -27,6 +23,10 @@ from crosskd_cli.targets import (
     max_iou_assign,
     point_grid,
 )
+from crosskd_cli.distill.distiller import Distiller, cross_head_forward
+from crosskd_cli.families import build_criterion, get_family
+from crosskd_cli.inference.postprocess import postprocess
+from crosskd_cli.models import build_detector
 
 SMALL = dict(backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8)
 SPECS = {

@@ -31,13 +31,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from crosskd_cli.checkpoint import load_state_into
-from crosskd_cli.config import DistillConfig
-from crosskd_cli.distill import AdaptedStudent, Distiller, TapAdapter
+from crosskd_cli.checkpoints.format import load_state_into
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import DistillConfig
+from crosskd_cli.detection.structures import Batch, Target
+from crosskd_cli.distill.distiller import AdaptedStudent, Distiller, TapAdapter
 from crosskd_cli.families import build_criterion
 from crosskd_cli.models import Detector, build_detector
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import Batch, Target
 from tests.conftest import one_thread
 
 GOLDEN_PATH = Path(__file__).parent / "fixtures" / "golden_losses.json"

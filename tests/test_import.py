@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import load_checkpoint, load_state_into
+from crosskd_cli.checkpoints.format import load_checkpoint, load_state_into
+from crosskd_cli.checkpoints.mmdet_import import COCO_CATEGORY_IDS, COCO_CLASSES
 from crosskd_cli.cli import app
-from crosskd_cli.importing import COCO_CATEGORY_IDS, COCO_CLASSES
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.models import build_detector
-from crosskd_cli.specs import ModelSpec
 
 runner = CliRunner()
 TINY = dict(backbone="resnet18", num_classes=80, fpn_channels=32, head_channels=32, norm_groups=8)
@@ -282,7 +282,7 @@ def test_mmdetection_mobilenet_and_swin_backbones_import_through_their_converter
 ):
     """A RetinaNet file whose backbone carries MMDetection's own MobileNetV2 / Swin-T names
     (not torchvision's) imports completely, every backbone tensor converted."""
-    from crosskd_cli.backbone_import import convert_mmdet_backbone
+    from crosskd_cli.models.backbone_import import convert_mmdet_backbone
     from tests.test_backbones import mmdet_mobilenet_v2_state, mmdet_swin_state
 
     model_cfg = {**TINY, **FAMILIES["retinanet"], "backbone": backbone}

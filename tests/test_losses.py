@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria.gfl import LOSS_WEIGHTS
-from crosskd_cli.errors import ModelError
-from crosskd_cli.families import build_criterion
-from crosskd_cli.losses import (
+from crosskd_cli.detection.losses import (
     bce_kd_loss,
     distribution_focal_loss,
     giou_loss,
@@ -19,9 +18,10 @@ from crosskd_cli.losses import (
     qfl_kd_loss,
     quality_focal_loss,
 )
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import HeadOutput, Target
-from crosskd_cli.targets import AnchorGrid, bbox_to_distance
+from crosskd_cli.detection.structures import HeadOutput, Target
+from crosskd_cli.detection.targets import AnchorGrid, bbox_to_distance
+from crosskd_cli.errors import ModelError
+from crosskd_cli.families import build_criterion
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from rich.console import Console
 
 from crosskd_cli.errors import CrossKDError, DataError
-from crosskd_cli.metrics import (
+from crosskd_cli.inference.metrics import (
     BACKENDS,
     METRIC_KEYS,
     NO_GROUND_TRUTH,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.errors import ModelError
 from crosskd_cli.models import (
     FPN,
@@ -20,7 +21,6 @@ from crosskd_cli.models import (
     load_torchvision_weights,
 )
 from crosskd_cli.models.backbones import resnet18
-from crosskd_cli.specs import ModelSpec
 
 
 def gfl_head(**kwargs) -> DenseHead:

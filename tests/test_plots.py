@@ -14,18 +14,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import load_checkpoint
+from crosskd_cli.checkpoints.format import load_checkpoint
 from crosskd_cli.cli import app
 from crosskd_cli.data import ClassList, CocoDetection, resolve_data
 from crosskd_cli.data.collate import collate_by_shape
+from crosskd_cli.distill.prediction_gap import COLUMNS, PredictionGap
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.distill.target_maps import compute_target_maps, draw_level
 from crosskd_cli.families import build_criterion
-from crosskd_cli.jobs import load_teacher
 from crosskd_cli.models import build_detector
-from crosskd_cli.plots import GAP_COLUMNS, plot_gap, plot_results
-from crosskd_cli.prediction_gap import COLUMNS, PredictionGap
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.runs import RunDir
-from crosskd_cli.target_maps import compute_target_maps, draw_level
+from crosskd_cli.runs.jobs import load_teacher
+from crosskd_cli.storage.run_folder import RunDir
+from crosskd_cli.viz.plots import GAP_COLUMNS, plot_gap, plot_results
 from tests.hostile.contract import refused
 
 runner = CliRunner()

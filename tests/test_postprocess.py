@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosskd_cli.postprocess import (
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.detection.structures import HeadOutput
+from crosskd_cli.inference.postprocess import (
     candidates,
     postprocess,
     postprocess_padded,
     scale_boxes_to_original,
 )
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import HeadOutput
 
 # Two levels on a 64 x 64 batch: stride 8 -> 8 x 8 map, stride 16 -> 4 x 4 map; 2 classes
 SPEC = ModelSpec(num_classes=2, strides=(8, 16), reg_max=16)

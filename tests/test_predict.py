@@ -14,11 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crosskd_cli.api import Predictor
-from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+from crosskd_cli.checkpoints.format import load_checkpoint, save_checkpoint
 from crosskd_cli.cli import app
 from crosskd_cli.data import read_image
-from crosskd_cli.drawing import GAP, TITLE_HEIGHT, draw_detections, read_png, xywh_to_xyxy
-from crosskd_cli.predicting import draw_results
+from crosskd_cli.inference.predict import draw_results
+from crosskd_cli.viz.drawing import GAP, TITLE_HEIGHT, draw_detections, read_png, xywh_to_xyxy
 from tests.conftest import SIZES, assert_close_to_scale, write_image
 
 runner = CliRunner()

@@ -12,15 +12,15 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from crosskd_cli import jobs
-from crosskd_cli.checkpoint import load_checkpoint
+from crosskd_cli.checkpoints.format import load_checkpoint
 from crosskd_cli.cli import app
-from crosskd_cli.config import list_presets
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import list_presets
+from crosskd_cli.distill.preset_checks import load_preset
 from crosskd_cli.errors import ModelError, PresetError
 from crosskd_cli.models import build_detector
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.pretrained import BACKBONE_INITS, SCRATCH, cache_path, resolve
-from crosskd_cli.specs import ModelSpec
+from crosskd_cli.models.pretrained import BACKBONE_INITS, SCRATCH, cache_path, resolve
+from crosskd_cli.runs import jobs
 
 runner = CliRunner()
 R18 = "torchvision://resnet18"
@@ -195,7 +195,7 @@ def test_mmdetection_named_caffe_weights_load_without_num_batches_tracked(tmp_pa
 def mmcls_mobilenet_v2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (torchvision names) under mmcls's MobileNetV2 names, as MMDetection's file has
     them: every name the converter maps, found by running it on each candidate."""
-    from crosskd_cli.backbone_import import convert_mmdet_backbone
+    from crosskd_cli.models.backbone_import import convert_mmdet_backbone
     from crosskd_cli.models.mobilenet import LAYER_BLOCKS
 
     params = [

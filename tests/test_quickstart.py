@@ -3,8 +3,8 @@ runs reused only when made with the same settings."""
 
 from __future__ import annotations
 
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.teachers import teacher_cache_dir
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.runs.teachers import teacher_cache_dir
 from tests.hostile.contract import invoke, refused
 
 DATA = "builtin:shapes:images=24,val=8,size=96"

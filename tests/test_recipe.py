@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from crosskd_cli.config import Preset, list_presets
-from crosskd_cli.preset_checks import load_preset
+from crosskd_cli.config.presets import Preset, list_presets
+from crosskd_cli.distill.preset_checks import load_preset
 
 README = Path(__file__).parent.parent / "README.md"
 GPUS = 8  # the paper's and MMDetection's machines: 8 GPUs, the total batch is per-GPU x 8

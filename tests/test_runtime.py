@@ -12,18 +12,18 @@ import torch
 from torch import nn
 
 from benchmarks import speed
-from crosskd_cli.config import DistillConfig
-from crosskd_cli.distill import Distiller
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import DistillConfig
+from crosskd_cli.detection.structures import Batch, Target
+from crosskd_cli.distill.distiller import Distiller
 from crosskd_cli.families import build_criterion
 from crosskd_cli.models import build_detector
-from crosskd_cli.runtime import (
+from crosskd_cli.models.fast_step import (
     fold_frozen_batchnorm,
     runtime_teacher,
     step_layout,
     with_conv_weights_in,
 )
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import Batch, Target
 
 STUDENT = ModelSpec(
     backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32, norm_groups=8

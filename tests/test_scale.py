@@ -42,10 +42,10 @@ from safetensors.torch import load_file
 from test_ddp import free_port
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import make_meta, read_meta, save_checkpoint
+from crosskd_cli.checkpoints.format import make_meta, read_meta, save_checkpoint
 from crosskd_cli.cli import app
+from crosskd_cli.distill.preset_checks import load_preset
 from crosskd_cli.models import build_detector
-from crosskd_cli.preset_checks import load_preset
 
 LOSS_RTOL, UPDATE_RTOL = 1e-6, 1e-6
 
@@ -60,7 +60,7 @@ app(sys.argv[1:], prog_name="crosskd")
 """
 # A bug that equivalence tests exist to catch: each process normalises by its own counts
 PER_PROCESS_NORMALISER = """
-from crosskd_cli import engine
+from crosskd_cli.engine import trainer as engine
 engine.Trainer.reduce_mean = lambda self, value: value
 """
 
@@ -329,9 +329,9 @@ def test_eval_in_two_processes_gives_the_one_process_metrics_exactly(
 
 SAMPLER = """
 import json, sys
-from crosskd_cli.config import TrainConfig
+from crosskd_cli.config.presets import TrainConfig
 from crosskd_cli.data.collate import build_loader
-from crosskd_cli.engine import make_accelerator
+from crosskd_cli.engine.trainer import make_accelerator
 
 acc = make_accelerator(TrainConfig(batch_size=2, mixed_precision="no"))
 loader = acc.prepare(build_loader(list(range(20)), batch_size=2, shuffle=True, drop_last=True))
@@ -365,7 +365,7 @@ def test_the_sampler_shards_without_duplicates_and_reshuffles_every_epoch(tmp_pa
 
 KILL_ONE_RANK = """
 import os, signal, sys
-from crosskd_cli import engine
+from crosskd_cli.engine import trainer as engine
 
 if os.environ.get("RANK") == "1":  # this process dies (SIGKILL: no handler, no save)
     check, seen = engine.NonFiniteGuard.check, {"steps": 0}

@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from crosskd_cli.cli import app
-from crosskd_cli.config import TrainConfig
-from crosskd_cli.schedule import build_schedule
+from crosskd_cli.config.presets import TrainConfig
+from crosskd_cli.engine.schedule import build_schedule
 
 
 def test_warmup_is_linear_from_the_ratio_and_decay_happens_at_epoch_milestones():

@@ -7,8 +7,7 @@ from typing import Annotated, Any, Literal
 
 import pytest
 
-from crosskd_cli.errors import CheckpointError, PresetError
-from crosskd_cli.schema import (
+from crosskd_cli.config.schema import (
     METADATA,
     PRESET,
     MaxLength,
@@ -17,6 +16,7 @@ from crosskd_cli.schema import (
     refuse_unknown_name,
     to_plain,
 )
+from crosskd_cli.errors import CheckpointError, PresetError
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from crosskd_cli import state_dir
+from crosskd_cli.storage import state_dir
 
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from crosskd_cli import state_dir
+    from crosskd_cli.storage import state_dir
 
     state, kill_at = Path(sys.argv[1]), sys.argv[2]
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosskd_cli.checkpoint import read_meta
-from crosskd_cli.state_dir import STEPS
+from crosskd_cli.checkpoints.format import read_meta
+from crosskd_cli.storage.state_dir import STEPS
 
 ROOT = Path(__file__).parent.parent
 DATA = "builtin:shapes:images=24,val=8,size=96"
@@ -38,7 +38,8 @@ TINY = [
 DRIVER = textwrap.dedent(
     """
     import os, signal, subprocess, sys
-    from crosskd_cli import engine, state_dir
+    from crosskd_cli.engine import trainer as engine
+    from crosskd_cli.storage import state_dir
 
     action, at, *args = sys.argv[1:]
     seen = {"steps": 0, "saves": 0}
@@ -65,7 +66,7 @@ DRIVER = textwrap.dedent(
             return check(self, losses, norm)
         engine.NonFiniteGuard.check = counting
     elif send in SEND and moment == "eval":  # while the `at`-th evaluation predicts
-        from crosskd_cli import evaluate
+        from crosskd_cli.inference import evaluate
         postprocess = evaluate.postprocess
         def signalling(*a, **k):
             seen["evals"] = seen.get("evals", 0) + 1
@@ -373,7 +374,7 @@ def test_a_run_that_skipped_most_of_its_steps_fails_naming_the_term_and_writes_n
 def test_a_weight_exploding_while_finite_is_reported_once_with_its_layer(uninterrupted, tmp_path):
     """A student whose class bias starts at -2e4: finite losses, but the weight is far past
     WEIGHT_LIMIT; said once, with the layer, at the first log interval."""
-    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+    from crosskd_cli.checkpoints.format import load_checkpoint, save_checkpoint
 
     teacher = uninterrupted
     state, meta = load_checkpoint(teacher / "last.safetensors")
@@ -392,7 +393,7 @@ def test_a_weight_exploding_while_finite_is_reported_once_with_its_layer(uninter
 
 
 def test_distill_refuses_a_teacher_whose_predictions_are_not_finite(uninterrupted, tmp_path):
-    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+    from crosskd_cli.checkpoints.format import load_checkpoint, save_checkpoint
 
     state, meta = load_checkpoint(uninterrupted / "best.safetensors")
     state["neck.fpn_convs.4.weight"][0, 0, 0, 0] = float("nan")
@@ -481,7 +482,7 @@ def test_distill_names_its_teacher_and_refuses_one_other_than_the_pairs(uninterr
     written as a student, is refused with both named unless --other-teacher says so."""
     import dataclasses
 
-    from crosskd_cli.checkpoint import load_checkpoint, save_checkpoint
+    from crosskd_cli.checkpoints.format import load_checkpoint, save_checkpoint
 
     teacher = uninterrupted / "best.safetensors"
     args = ["distill", "--preset", "shapes-gfl-r50-to-r18", *TINY, "--set", "data.num_workers=0",
@@ -514,8 +515,8 @@ def test_checking_the_teacher_leaves_the_random_state_and_so_the_students_init_a
     iterator draws a seed from it, which would have moved every distilled student (and the
     quickstart's table)."""
     from crosskd_cli.data import load_splits
-    from crosskd_cli.jobs import check_teacher_outputs, load_teacher
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.distill.preset_checks import load_preset
+    from crosskd_cli.runs.jobs import check_teacher_outputs, load_teacher
 
     data, checkpoint, _ = mixed_size_checkpoint
     teacher, _ = load_teacher(checkpoint)

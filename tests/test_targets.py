@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from crosskd_cli.structures import Target
-from crosskd_cli.targets import (
+from crosskd_cli.detection.structures import Target
+from crosskd_cli.detection.targets import (
     NEGATIVE,
     OUT_OF_IMAGE,
     AnchorGrid,

@@ -8,12 +8,12 @@ import yaml
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import BatchSampler, RandomSampler
 
-from crosskd_cli.config import to_dict
+from crosskd_cli.config.presets import to_dict
 from crosskd_cli.data.collate import AspectRatioBatches, build_loader
 from crosskd_cli.data.transforms import KeepRatioResize
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.run_record import read_run_preset
-from crosskd_cli.runs import RunDir
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.runs.record import read_run_preset
+from crosskd_cli.storage.run_folder import RunDir
 
 
 class Indices(torch.utils.data.Dataset):

@@ -37,10 +37,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from crosskd_cli.checkpoint import CheckpointMeta, load_checkpoint, load_state_into, read_meta
+from crosskd_cli.checkpoints.format import (
+    CheckpointMeta,
+    load_checkpoint,
+    load_state_into,
+    read_meta,
+)
 from crosskd_cli.cli import app
+from crosskd_cli.inference.postprocess import postprocess
 from crosskd_cli.models import Detector, build_detector
-from crosskd_cli.postprocess import postprocess
 from tests.conftest import assert_close_to_scale, one_thread
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0_1_0"

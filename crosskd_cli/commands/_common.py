@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from crosskd_cli.errors import DataError, RunError
 
 if TYPE_CHECKING:
-    from crosskd_cli.config import Preset
+    from crosskd_cli.config.presets import Preset
     from crosskd_cli.data import DataSource
 
 

@@ -17,10 +17,10 @@ from rich.console import Console
 from crosskd_cli.commands._common import data_source
 
 if TYPE_CHECKING:
-    from crosskd_cli.config import Preset
+    from crosskd_cli.config.presets import Preset
     from crosskd_cli.data import DataSource
-    from crosskd_cli.engine import TrainerState
-    from crosskd_cli.runs import RunDir
+    from crosskd_cli.engine.trainer import TrainerState
+    from crosskd_cli.storage.run_folder import RunDir
 
 
 class DataPaths(NamedTuple):
@@ -73,10 +73,10 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
     reads them all from its folder; what is given again must agree (`run_record`). From here
     on only the main process prints.
     """
-    from crosskd_cli.engine import from_main_process, main_process_first, quiet_unless_main
+    from crosskd_cli.distill.preset_checks import load_preset
+    from crosskd_cli.engine.trainer import from_main_process, main_process_first, quiet_unless_main
     from crosskd_cli.errors import OptionError
-    from crosskd_cli.preset_checks import load_preset
-    from crosskd_cli.runs import check_folder
+    from crosskd_cli.storage.run_folder import check_folder
 
     if request.resume and request.overwrite:
         raise OptionError(
@@ -99,7 +99,7 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
     spec = load_preset(request.preset, request.settings)
     quiet_unless_main(console)
     with claimed_run(request, spec.name) as run:
-        from crosskd_cli.pretrained import resolve
+        from crosskd_cli.models.pretrained import resolve
 
         with main_process_first():  # the backbone's ImageNet file, found or fetched once
             weights = resolve(spec.model, request.backbone_weights, request.download_weights)
@@ -108,7 +108,7 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
             source = data_source(data, spec, *split_paths)
         teacher = None
         if request.command == "distill":
-            from crosskd_cli.teachers import resolve_teacher
+            from crosskd_cli.runs.teachers import resolve_teacher
 
             teacher = resolve_teacher(spec, source, request.teacher, console)
         yield RunInputs(
@@ -125,8 +125,8 @@ def started_run(console: Console, request: RunRequest) -> Iterator[RunInputs]:
 @contextmanager
 def claimed_run(request: RunRequest, preset_name: str) -> Iterator[RunDir]:
     """The run folder, chosen and locked by the main process for all, released at the end."""
-    from crosskd_cli.engine import from_main_process
-    from crosskd_cli.runs import claim_run_dir
+    from crosskd_cli.engine.trainer import from_main_process
+    from crosskd_cli.storage.run_folder import claim_run_dir
 
     held = []
 
@@ -159,9 +159,9 @@ class Resumed(NamedTuple):
 def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
     """The run's own inputs, from its folder; anything given again must be the same, but for
     a longer schedule and the settings that change no result."""
+    from crosskd_cli.distill.preset_checks import check_preset, load_preset
     from crosskd_cli.errors import RunError
-    from crosskd_cli.preset_checks import check_preset, load_preset
-    from crosskd_cli.run_record import (
+    from crosskd_cli.runs.record import (
         check_data,
         check_teacher,
         check_weights,
@@ -204,7 +204,7 @@ def read_resumed(request: RunRequest, run: RunDir, hint: str) -> Resumed:
 def resuming_line(run: RunDir) -> str:
     """Which saved state the resume continues: the one recovery will keep (a save that was
     complete but not yet swapped in when the run was killed is newer than last/)."""
-    from crosskd_cli.state_dir import newest
+    from crosskd_cli.storage.state_dir import newest
 
     found = newest(run.state)
     if found is None:
@@ -247,7 +247,7 @@ def _path(value: str | None) -> Path | None:
 
 
 def print_run_summary(console: Console, run: RunDir, state: TrainerState) -> None:
-    from crosskd_cli.metrics import metrics_table
+    from crosskd_cli.inference.metrics import metrics_table
 
     console.print(metrics_table(state.metrics, f"Run {run.root}"))
     pictures = [p.name for p in (run.root / "results.png", run.root / "prediction_gap.png")]

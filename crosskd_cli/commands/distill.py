@@ -32,10 +32,10 @@ from crosskd_cli.commands._run import (
     started_run,
     typed,
 )
-from crosskd_cli.config import DEFAULT_PAIR
+from crosskd_cli.config.presets import DEFAULT_PAIR
 
 if TYPE_CHECKING:
-    from crosskd_cli.config import Preset
+    from crosskd_cli.config.presets import Preset
 
 console = Console()
 
@@ -113,7 +113,7 @@ def distill(
     Stopped (Ctrl-C, SIGTERM)? `crosskd distill --resume --out RUN` goes on: the run folder
     knows its preset, data and teacher.
     """
-    from crosskd_cli.jobs import distill_student
+    from crosskd_cli.runs.jobs import distill_student
 
     settings = list(overrides or [])
     settings += [f"distill.cross_index={cross_index}"] if cross_index is not None else []
@@ -154,9 +154,9 @@ def distill(
 
 
 def _print_banner(spec: Preset, data: str, teacher: Path, root: Path, weights: Path | None) -> None:
-    from crosskd_cli.inspection import cross_branch_reuse
-    from crosskd_cli.kd_terms import method_terms
-    from crosskd_cli.pretrained import describe
+    from crosskd_cli.distill.inspection import cross_branch_reuse
+    from crosskd_cli.distill.kd_terms import method_terms
+    from crosskd_cli.models.pretrained import describe
 
     cfg = spec.distill
     console.print(

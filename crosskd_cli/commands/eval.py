@@ -73,12 +73,13 @@ def evaluate(
 
     Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
-    from crosskd_cli.engine import process_state, quiet_unless_main
+    from crosskd_cli.engine.progress import progress_bar
+    from crosskd_cli.engine.trainer import process_state, quiet_unless_main
     from crosskd_cli.errors import OptionError
-    from crosskd_cli.evaluate import evaluate_checkpoint
-    from crosskd_cli.metrics import metrics_table, per_class_table
-    from crosskd_cli.progress import progress_bar
-    from crosskd_cli.runs import check_folder, write_json
+    from crosskd_cli.inference.evaluate import evaluate_checkpoint
+    from crosskd_cli.inference.metrics import metrics_table, per_class_table
+    from crosskd_cli.storage.files import write_json
+    from crosskd_cli.storage.run_folder import check_folder
 
     quiet_unless_main(console)  # under accelerate launch / torchrun: every process predicts
     target = check_eval_options(backend, batch_size, device)
@@ -137,7 +138,7 @@ def evaluate(
         )
     console.print(f"Wrote {targets[0]} and {targets[1]}.")
     if save_vis > 0:
-        from crosskd_cli.eval_pictures import eval_pictures
+        from crosskd_cli.inference.eval_pictures import eval_pictures
 
         meta = report.meta
         pictures = eval_pictures(
@@ -149,9 +150,9 @@ def evaluate(
 def check_eval_options(backend: str, batch_size: int | None, device: str = "auto") -> torch.device:
     """Refuse option values before any data is generated or any image predicted; returns the
     torch device `device` names."""
-    from crosskd_cli.engine import resolve_device
+    from crosskd_cli.engine.trainer import resolve_device
     from crosskd_cli.errors import OptionError
-    from crosskd_cli.metrics import check_backend
+    from crosskd_cli.inference.metrics import check_backend
 
     check_backend(backend)
     if batch_size is not None and batch_size < 1:
@@ -170,7 +171,7 @@ def eval_data_source(
     console: Console,
 ):
     """--data or --val-ann/--val-images, else the validation data recorded in the checkpoint."""
-    from crosskd_cli.checkpoint import read_meta
+    from crosskd_cli.checkpoints.format import read_meta
     from crosskd_cli.data import resolve_data
     from crosskd_cli.errors import DataError
 

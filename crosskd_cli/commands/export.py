@@ -51,7 +51,7 @@ def export(
 
     Example: crosskd export runs/distill/shapes-gfl-r34-to-r18/best.safetensors --format onnx --nms
     """
-    from crosskd_cli.exporting import check_format, default_path, export_checkpoint
+    from crosskd_cli.inference.export import check_format, default_path, export_checkpoint
 
     check_format(fmt)
     out = out or default_path(checkpoint, fmt)

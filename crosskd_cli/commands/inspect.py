@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from crosskd_cli.commands._options import DataOpt, OverwriteOpt, SetOpt
-from crosskd_cli.config import DEFAULT_PAIR, list_presets, to_dict
+from crosskd_cli.config.presets import DEFAULT_PAIR, list_presets, to_dict
 from crosskd_cli.errors import CrossKDError
 
 if TYPE_CHECKING:
-    from crosskd_cli.config import Preset
-    from crosskd_cli.inspection import LayerRow, ModelReport, PairReport
+    from crosskd_cli.config.presets import Preset
+    from crosskd_cli.distill.inspection import LayerRow, ModelReport, PairReport
 
 console = Console()
 
@@ -93,7 +93,7 @@ def inspect(
     Fig. 2: crosskd inspect --targets --preset shapes-gfl-r34-to-r18 --data builtin:shapes
     --image-id 3
     """
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.distill.preset_checks import load_preset
 
     if fmt not in ("table", "json"):
         raise CrossKDError(f"--format '{fmt}' is not known.", hint="Use --format table or json.")
@@ -124,8 +124,8 @@ def _show_targets(
     overwrite: bool,
 ) -> None:
     from crosskd_cli.commands._common import data_source
-    from crosskd_cli.target_maps import compute_target_maps, write_target_maps
-    from crosskd_cli.teachers import resolve_teacher
+    from crosskd_cli.distill.target_maps import compute_target_maps, write_target_maps
+    from crosskd_cli.runs.teachers import resolve_teacher
 
     source = data_source(data, spec, None, None, None, None)
     teacher_path = resolve_teacher(spec, source, teacher, console)
@@ -144,8 +144,8 @@ def _show_targets(
 
 
 def _show_checkpoint(checkpoint: Path, image_size: str | None, fmt: str) -> None:
-    from crosskd_cli.checkpoint import read_meta
-    from crosskd_cli.inspection import describe_model
+    from crosskd_cli.checkpoints.format import read_meta
+    from crosskd_cli.distill.inspection import describe_model
 
     meta = read_meta(checkpoint)
     report = describe_model(meta.model, _parse_size(image_size, meta.image_scale))
@@ -166,7 +166,7 @@ def _show_checkpoint(checkpoint: Path, image_size: str | None, fmt: str) -> None
 
 
 def _show_detector(spec: Preset, size: tuple[int, int], fmt: str) -> None:
-    from crosskd_cli.inspection import describe_model
+    from crosskd_cli.distill.inspection import describe_model
 
     report = describe_model(spec.model, size)
     if fmt == "json":
@@ -177,7 +177,7 @@ def _show_detector(spec: Preset, size: tuple[int, int], fmt: str) -> None:
 
 
 def _show_pair(spec: Preset, cross_index: int | None, size: tuple[int, int], fmt: str) -> None:
-    from crosskd_cli.inspection import describe_pair
+    from crosskd_cli.distill.inspection import describe_pair
 
     report = describe_pair(spec, cross_index, size)
     if fmt == "json":
@@ -256,7 +256,7 @@ def _head_table(report: ModelReport, title: str, index: int | None, side: str | 
 
 
 def _role(row: LayerRow | None, index: int, side: str, tap0: bool = False) -> str:
-    from crosskd_cli.inspection import reused_by_cross_branch
+    from crosskd_cli.distill.inspection import reused_by_cross_branch
 
     if tap0:
         return "[bold]tap (i=0)[/]" if index == 0 and side == "student" else ""
@@ -292,7 +292,7 @@ def _cross_summary(report: PairReport) -> str:
 
 
 def _print_presets() -> None:
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.distill.preset_checks import load_preset
 
     table = Table(title="Presets", title_justify="left")
     table.add_column("name")

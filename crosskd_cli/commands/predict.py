@@ -63,11 +63,11 @@ def predict(
     Example: crosskd predict --source photos/ runs/teacher/shapes-gfl-r34/best.safetensors
     runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
-    from crosskd_cli.engine import resolve_device
+    from crosskd_cli.engine.progress import progress_bar
+    from crosskd_cli.engine.trainer import resolve_device
     from crosskd_cli.errors import OptionError
-    from crosskd_cli.predicting import list_images, load_models, outputs, predict_images
-    from crosskd_cli.progress import progress_bar
-    from crosskd_cli.runs import check_folder
+    from crosskd_cli.inference.predict import list_images, load_models, outputs, predict_images
+    from crosskd_cli.storage.run_folder import check_folder
 
     if not 0.0 <= score_thr <= 1.0:
         raise OptionError(

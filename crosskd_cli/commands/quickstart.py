@@ -35,11 +35,11 @@ def quickstart(
 
     Example: crosskd quickstart
     """
-    from crosskd_cli.metrics import comparison_table
-    from crosskd_cli.preset_checks import load_preset
-    from crosskd_cli.pretrained import resolve
-    from crosskd_cli.quickstart import pictures, run_quickstart
-    from crosskd_cli.runs import check_folder
+    from crosskd_cli.distill.preset_checks import load_preset
+    from crosskd_cli.inference.metrics import comparison_table
+    from crosskd_cli.models.pretrained import resolve
+    from crosskd_cli.runs.quickstart import pictures, run_quickstart
+    from crosskd_cli.storage.run_folder import check_folder
 
     pair = load_preset(preset, list(overrides or []))
     if not pair.is_pair:

@@ -35,7 +35,7 @@ from crosskd_cli.commands._run import (
     started_run,
     typed,
 )
-from crosskd_cli.config import DEFAULT_TEACHER
+from crosskd_cli.config.presets import DEFAULT_TEACHER
 
 console = Console()
 
@@ -68,8 +68,8 @@ def train(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from crosskd_cli.jobs import train_detector
-    from crosskd_cli.pretrained import describe
+    from crosskd_cli.models.pretrained import describe
+    from crosskd_cli.runs.jobs import train_detector
 
     settings = list(overrides or []) + (["data.skip_bad_images=true"] if skip_bad_images else [])
     settings += log_with_setting(log_with)
@@ -144,8 +144,8 @@ def import_weights(
 
     Example: crosskd teacher import gfl_r101_fpn_ms2x.pth --preset gfl-r101 --data /coco
     """
-    from crosskd_cli.importing import ImportMismatch, import_teacher
-    from crosskd_cli.preset_checks import load_preset
+    from crosskd_cli.checkpoints.mmdet_import import ImportMismatch, import_teacher
+    from crosskd_cli.distill.preset_checks import load_preset
 
     spec = load_preset(preset, list(overrides or []))
     given = data is not None or val_ann is not None or val_images is not None

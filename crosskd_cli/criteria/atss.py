@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crosskd_cli.config import DistillConfig
+from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.criteria.base import FlatOutputs, ReduceMean
 from crosskd_cli.criteria.retinanet import RetinaNetCriterion, positive_boxes
-from crosskd_cli.losses import focal_loss, giou_loss
-from crosskd_cli.targets import (
+from crosskd_cli.detection.losses import focal_loss, giou_loss
+from crosskd_cli.detection.targets import (
     ATSS_TOPK,
     DenseTargets,
     atss_assign,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
-from crosskd_cli.errors import ModelError
-from crosskd_cli.losses import focal_loss, iou_loss
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.targets import (
+from crosskd_cli.detection.losses import focal_loss, iou_loss
+from crosskd_cli.detection.targets import (
     FCOS_RANGES,
     DenseTargets,
     bbox_to_distance,
@@ -17,6 +16,7 @@ from crosskd_cli.targets import (
     centerness_target,
     fcos_assign,
 )
+from crosskd_cli.errors import ModelError
 
 
 class FCOSCriterion(DenseCriterion):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from crosskd_cli.box_coders import DistributionCoder
-from crosskd_cli.config import DistillConfig
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
-from crosskd_cli.losses import (
+from crosskd_cli.detection.box_coders import DistributionCoder
+from crosskd_cli.detection.losses import (
     distribution_focal_loss,
     giou_loss,
     kl_box_kd_loss,
     quality_focal_loss,
 )
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.targets import (
+from crosskd_cli.detection.targets import (
     ATSS_TOPK,
     AnchorGrid,
     DenseTargets,

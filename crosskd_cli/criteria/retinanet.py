@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from crosskd_cli.criteria.base import DenseCriterion, FlatOutputs, ReduceMean
-from crosskd_cli.losses import focal_loss
-from crosskd_cli.targets import DenseTargets, build_targets, max_iou_assign
+from crosskd_cli.detection.losses import focal_loss
+from crosskd_cli.detection.targets import DenseTargets, build_targets, max_iou_assign
 
 
 def positive_boxes(flat: FlatOutputs, targets: DenseTargets) -> Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from crosskd_cli.bounded import load_json
+from crosskd_cli.config.safe_read import load_json
 from crosskd_cli.errors import DataError
 
 GENERATOR_VERSION = 2  # part of the cache key: bump whenever the pictures or the json change

@@ -19,13 +19,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from crosskd_cli.bounded import MAX_DEPTH, Unbounded, depth, load_json
+from crosskd_cli.config.safe_read import MAX_DEPTH, Unbounded, depth, load_json
+from crosskd_cli.config.schema import shown
 from crosskd_cli.data.boxes import index_boxes
 from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
 from crosskd_cli.data.transforms import build_transforms, keep_ratio_size, transform_sample
+from crosskd_cli.detection.structures import Target
 from crosskd_cli.errors import CrossKDError, DataError
-from crosskd_cli.schema import shown
-from crosskd_cli.structures import Target
 
 
 def _is_int(value: Any) -> bool:

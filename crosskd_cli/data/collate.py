@@ -27,7 +27,7 @@ from torch.utils.data import (
 )
 
 from crosskd_cli.data.failures import FailedSample
-from crosskd_cli.structures import Batch, Target
+from crosskd_cli.detection.structures import Batch, Target
 
 SIZE_DIVISOR = 32  # the backbone's C5 stride: C3-C5 then tile the padded image exactly
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crosskd_cli.bounded import load_json
+from crosskd_cli.config.safe_read import load_json
 from crosskd_cli.data.builtin import ensure_shapes, parse_params
 from crosskd_cli.errors import DataError
 

@@ -10,7 +10,7 @@ from crosskd_cli.data.source import DataSource
 from crosskd_cli.errors import DataError
 
 if TYPE_CHECKING:
-    from crosskd_cli.config import DataConfig
+    from crosskd_cli.config.presets import DataConfig
 
 VAL_CLASSES_HINT = (
     "The model's classes are the training split's: list every validation category in the "

@@ -12,14 +12,14 @@ from torch import nn
 import crosskd_cli.models.backbones as backbones
 import crosskd_cli.models.mobilenet as mobilenet
 import crosskd_cli.models.swin as swin
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.config.schema import Policy, refuse_unknown_name
 from crosskd_cli.errors import ModelError, lookup
 from crosskd_cli.families import FAMILIES, get_family
 from crosskd_cli.models.backbones import Backbone
 from crosskd_cli.models.dense_head import DenseHead
 from crosskd_cli.models.detector import Detector
 from crosskd_cli.models.fpn import FPN
-from crosskd_cli.schema import Policy, refuse_unknown_name
-from crosskd_cli.specs import ModelSpec
 
 MAX_ANCHOR_RATIOS = 16  # RetinaNet uses 3
 
@@ -59,7 +59,7 @@ def check_model_names(spec: ModelSpec, *, where: str, policy: Policy, path: str 
     closest name as a hint). Run wherever a spec is read for work: a preset's check
     (`preset_checks`) and a checkpoint's metadata (`checkpoint.CheckpointMeta.from_json`)."""
     # pretrained imports models.backbones: importing it at the top would be a cycle
-    from crosskd_cli.pretrained import BACKBONE_INITS
+    from crosskd_cli.models.pretrained import BACKBONE_INITS
 
     for field, table in (
         ("family", FAMILIES),
@@ -89,11 +89,12 @@ def check_spec(spec: ModelSpec) -> None:
         )
     get_family(spec.family).criterion.check_spec(spec)
     # pretrained imports models.backbones: importing it at the top would be a cycle
-    from crosskd_cli.pretrained import check_init
+    from crosskd_cli.models.pretrained import check_init
 
     check_init(spec)
-    # A spec built in code skips the schema's ranges (crosskd_cli.specs); the list length has
-    # no schema range: a checkpoint's metadata listing 10^6 ratios must not allocate the head.
+    # A spec built in code skips the schema's ranges (crosskd_cli.config.model_spec); the list
+    # length has no schema range: a checkpoint's metadata listing 10^6 ratios must not
+    # allocate the head.
     for name, value, low, high in (
         ("num_classes", spec.num_classes, 1, None),
         ("reg_max", spec.reg_max, 1, None),
@@ -114,8 +115,9 @@ def build_detector(
 
     backbone_weights: a local ImageNet state dict of the spec's backbone (ResNet,
     MobileNetV2, Swin-T), read in the layout of `spec.backbone_init` (torchvision's when that
-    is `scratch`); `crosskd_cli.pretrained.resolve` finds it. Never looked up here: without it
-    the backbone is random, as a model rebuilt from a checkpoint must be. Only with it are
+    is `scratch`); `crosskd_cli.models.pretrained.resolve` finds it. Never looked up here:
+    without it the backbone is random, as a model rebuilt from a checkpoint must be. Only with
+    it are
     `spec.frozen_stages`, `spec.norm_eval` and `spec.norm_affine_trainable` applied: a backbone
     trained from scratch must train every stage and its BN. Works under
     `with torch.device("meta"):` for shape inspection. `pretrained=True` without a file builds
@@ -131,7 +133,7 @@ def build_detector(
         norm_eval=spec.norm_eval and pretrained,
     )
     if backbone_weights is not None:
-        from crosskd_cli.pretrained import load_backbone_weights
+        from crosskd_cli.models.pretrained import load_backbone_weights
 
         load_backbone_weights(backbone, Path(backbone_weights), spec.backbone_init)
     if pretrained:

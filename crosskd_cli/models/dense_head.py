@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from crosskd_cli.detection.structures import HeadOutput, upcast
 from crosskd_cli.errors import ModelError
-from crosskd_cli.structures import HeadOutput, upcast
 
 TOWERS = ("cls", "reg")  # the classification tower feeds cls_predictor, the box tower the rest
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crosskd_cli.config.model_spec import ModelSpec
+from crosskd_cli.detection.structures import DetectorOutput
 from crosskd_cli.errors import ModelError
 from crosskd_cli.models.dense_head import DenseHead
-from crosskd_cli.specs import ModelSpec
-from crosskd_cli.structures import DetectorOutput
 
 
 class Detector(nn.Module):

@@ -31,7 +31,7 @@ class SwinTBackbone(Backbone):
     the right/bottom to a multiple of the 7x7 window and crops back afterwards; padded tokens
     are attended to unmasked, as in MMDetection. Along a side whose padded size is only one
     window (a stride-32 side <= 7, i.e. an image side <= 224), torchvision does not shift the
-    window while MMDetection still does: see `crosskd_cli.backbone_import`.
+    window while MMDetection still does: see `crosskd_cli.models.backbone_import`.
 
     frozen_stages (MMDetection's): -1 freezes nothing, 0 the patch embedding, k in 1..4 the
     patch embedding and stages 1..k with their patch merging and, from k = 2, the out_norms

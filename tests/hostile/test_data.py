@@ -9,7 +9,7 @@ import pytest
 
 from crosskd_cli.data import CocoDetection, build_loader
 from crosskd_cli.errors import DataError
-from crosskd_cli.metrics import coco_metrics
+from crosskd_cli.inference.metrics import coco_metrics
 from tests.conftest import make_coco
 from tests.hostile.contract import QUICK, digests, invoke, refused
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from crosskd_cli import __version__
-from crosskd_cli.checkpoint import CheckpointMeta
+from crosskd_cli.checkpoints.format import CheckpointMeta
+from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.data import cache_root
 from crosskd_cli.data.builtin import CATEGORY_IDS, CLASS_NAMES
-from crosskd_cli.specs import ModelSpec
 from tests.hostile.contract import UNSEEN_DATA, digests, generated, invoke, refused
 
 

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from crosskd_cli.data import cache_root
-from crosskd_cli.preset_checks import load_preset
-from crosskd_cli.run_record import file_digest
-from crosskd_cli.runs import claim_run_dir
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.storage.files import file_digest
+from crosskd_cli.storage.run_folder import claim_run_dir
 from tests.hostile.contract import QUICK, UNSEEN_DATA, digests, generated, invoke, refused
 
 ROOT = Path(__file__).parent.parent.parent
@@ -376,7 +376,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from crosskd_cli.runs import RunDir, lock_run
+    from crosskd_cli.storage.run_folder import RunDir, lock_run
     lock = lock_run(RunDir(Path(sys.argv[1])), "crosskd teacher")
     print("locked", flush=True)
     time.sleep(300)

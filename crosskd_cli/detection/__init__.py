@@ -1,0 +1,1 @@
+"""Detection primitives on tensors: structures, priors and assignment, box coders, losses."""

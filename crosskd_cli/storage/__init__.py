@@ -1,0 +1,4 @@
+"""Files on disk: run folders and their lock, crash-safe state folders, atomic writes.
+
+Torch-free.
+"""
