@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crosskd_cli.data import CocoDetection, build_eval_loader  # noqa: E402
 from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.engine.trainer import resolve_device  # noqa: E402
+from crosskd_cli.engine.devices import resolve_device  # noqa: E402
 from crosskd_cli.inference.evaluate import predict  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402
 

@@ -24,7 +24,7 @@ from crosskd_cli.distill.distiller import Distiller
 from crosskd_cli.distill.kd_terms import resolve_distill
 from crosskd_cli.distill.prediction_gap import PredictionGap
 from crosskd_cli.distill.preset_checks import load_preset
-from crosskd_cli.engine.trainer import native_bf16
+from crosskd_cli.engine.accelerator import native_bf16
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.models import build_detector
 from crosskd_cli.runs.jobs import load_teacher, spec_for_data

@@ -71,7 +71,9 @@ from crosskd_cli.detection.structures import Batch, Target  # noqa: E402
 from crosskd_cli.distill.distiller import Distiller  # noqa: E402
 from crosskd_cli.distill.kd_terms import resolve_distill  # noqa: E402
 from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.engine.trainer import build_optimizer, native_bf16, resolve_device  # noqa: E402
+from crosskd_cli.engine.accelerator import native_bf16  # noqa: E402
+from crosskd_cli.engine.devices import resolve_device  # noqa: E402
+from crosskd_cli.engine.optim import build_optimizer  # noqa: E402
 from crosskd_cli.families import build_criterion, get_family  # noqa: E402
 from crosskd_cli.inference.postprocess import postprocess  # noqa: E402
 from crosskd_cli.models import build_detector  # noqa: E402

@@ -18,7 +18,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from crosskd_cli.cli import app
-from crosskd_cli.engine.trainer import native_bf16
+from crosskd_cli.engine.accelerator import native_bf16
 from crosskd_cli.models import FPN
 
 pytestmark = pytest.mark.skipif(not native_bf16("cpu"), reason="no native bf16 on this CPU")

@@ -102,10 +102,10 @@ def test_fcos_distills_as_two_gloo_processes(tmp_path):
 
 SIGTERM_ONE_RANK = """
 import os, signal, sys
-from crosskd_cli.engine import trainer as engine
+from crosskd_cli.engine import guards
 
 if os.environ.get("RANK") == "1":  # the scheduler's signal reaches one process only
-    check, seen = engine.NonFiniteGuard.check, {"steps": 0}
+    check, seen = guards.NonFiniteGuard.check, {"steps": 0}
 
     def counting(self, losses, norm):
         seen["steps"] += 1
@@ -113,7 +113,7 @@ if os.environ.get("RANK") == "1":  # the scheduler's signal reaches one process 
             os.kill(os.getpid(), signal.SIGTERM)
         return check(self, losses, norm)
 
-    engine.NonFiniteGuard.check = counting
+    guards.NonFiniteGuard.check = counting
 from crosskd_cli.cli import app
 app(sys.argv[1:], prog_name="crosskd")
 """

@@ -6,7 +6,8 @@ import pytest
 from rich.console import Console
 
 from crosskd_cli.config.presets import TrainConfig
-from crosskd_cli.engine.trainer import ZeroWatch, scaled_lr
+from crosskd_cli.engine.guards import ZeroWatch
+from crosskd_cli.engine.total_batch import scaled_lr
 
 
 def test_lr_scales_linearly_with_the_total_batch():
@@ -28,7 +29,7 @@ def test_a_kd_term_stuck_at_zero_is_reported_once():
 
 
 def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypatch):
-    import crosskd_cli.engine.trainer as engine
+    import crosskd_cli.engine.accelerator as engine
 
     monkeypatch.setattr(engine, "native_bf16", lambda device_type: device_type == "cuda")
     assert engine.resolve_precision("auto", "cuda") == "bf16"
@@ -37,7 +38,7 @@ def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypat
 
 
 def test_an_unknown_precision_is_named_with_the_valid_ones():
-    from crosskd_cli.engine.trainer import resolve_precision
+    from crosskd_cli.engine.accelerator import resolve_precision
     from crosskd_cli.errors import RunError
 
     with pytest.raises(RunError, match="train.mixed_precision 'bf32' is not known") as info:
@@ -50,7 +51,8 @@ def test_bf16_autocasts_the_training_step_but_evaluation_runs_in_fp32(tmp_path):
     import torch
     from torch import nn
 
-    from crosskd_cli.engine.trainer import Trainer, make_accelerator
+    from crosskd_cli.engine.accelerator import make_accelerator
+    from crosskd_cli.engine.trainer import Hooks, Trainer
     from crosskd_cli.storage.run_folder import RunDir
 
     class Probe(nn.Module):
@@ -79,13 +81,13 @@ def test_bf16_autocasts_the_training_step_but_evaluation_runs_in_fp32(tmp_path):
         return {"AP": 1.0}
 
     loader = torch.utils.data.DataLoader(torch.ones(4, 4), batch_size=2)
-    trainer.fit(probe, step, loader, evaluate, lambda model, name, metrics: None)
+    trainer.fit(probe, loader, Hooks(step, evaluate, lambda model, name, metrics: None))
     assert probe.autocast_seen[:2] == [True, True]  # the two training steps
     assert in_evaluation == [False]
 
 
 def test_a_log_gets_one_line_per_epoch_with_progress_eta_and_losses():
-    from crosskd_cli.engine.trainer import epoch_line
+    from crosskd_cli.engine.log_lines import epoch_line
 
     row = {"epoch": 2, "iteration": 200, "lr": 0.005, "loss_qfl": 0.25, "kd_cross_box": 0.5}
     row["seconds"] = 120.0

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from crosskd_cli.cli import app
-from crosskd_cli.engine.trainer import default_device, resolve_device
+from crosskd_cli.engine.devices import default_device, resolve_device
 from crosskd_cli.errors import OptionError
 
 runner = CliRunner()

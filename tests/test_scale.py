@@ -331,7 +331,7 @@ SAMPLER = """
 import json, sys
 from crosskd_cli.config.presets import TrainConfig
 from crosskd_cli.data.collate import build_loader
-from crosskd_cli.engine.trainer import make_accelerator
+from crosskd_cli.engine.accelerator import make_accelerator
 
 acc = make_accelerator(TrainConfig(batch_size=2, mixed_precision="no"))
 loader = acc.prepare(build_loader(list(range(20)), batch_size=2, shuffle=True, drop_last=True))
@@ -365,10 +365,10 @@ def test_the_sampler_shards_without_duplicates_and_reshuffles_every_epoch(tmp_pa
 
 KILL_ONE_RANK = """
 import os, signal, sys
-from crosskd_cli.engine import trainer as engine
+from crosskd_cli.engine import guards
 
 if os.environ.get("RANK") == "1":  # this process dies (SIGKILL: no handler, no save)
-    check, seen = engine.NonFiniteGuard.check, {"steps": 0}
+    check, seen = guards.NonFiniteGuard.check, {"steps": 0}
 
     def counting(self, losses, norm):
         seen["steps"] += 1
@@ -376,7 +376,7 @@ if os.environ.get("RANK") == "1":  # this process dies (SIGKILL: no handler, no 
             os.kill(os.getpid(), signal.SIGKILL)
         return check(self, losses, norm)
 
-    engine.NonFiniteGuard.check = counting
+    guards.NonFiniteGuard.check = counting
 from crosskd_cli.cli import app
 app(sys.argv[1:], prog_name="crosskd")
 """

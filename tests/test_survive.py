@@ -38,7 +38,7 @@ TINY = [
 DRIVER = textwrap.dedent(
     """
     import os, signal, subprocess, sys
-    from crosskd_cli.engine import trainer as engine
+    from crosskd_cli.engine import guards
     from crosskd_cli.storage import state_dir
 
     action, at, *args = sys.argv[1:]
@@ -58,13 +58,13 @@ DRIVER = textwrap.dedent(
     }
     send, _, moment = action.partition("@")
     if send in SEND and not moment:  # at the start of training step `at` (1-based)
-        check = engine.NonFiniteGuard.check
+        check = guards.NonFiniteGuard.check
         def counting(self, losses, norm):
             seen["steps"] += 1
             if seen["steps"] == int(at):
                 SEND[send]()
             return check(self, losses, norm)
-        engine.NonFiniteGuard.check = counting
+        guards.NonFiniteGuard.check = counting
     elif send in SEND and moment == "eval":  # while the `at`-th evaluation predicts
         from crosskd_cli.inference import evaluate
         postprocess = evaluate.postprocess

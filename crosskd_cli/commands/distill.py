@@ -25,14 +25,9 @@ from crosskd_cli.commands._options import (
     ValImagesOpt,
     log_with_setting,
 )
-from crosskd_cli.commands._run import (
-    DataPaths,
-    RunRequest,
-    print_run_summary,
-    started_run,
-    typed,
-)
+from crosskd_cli.commands._run import print_run_summary, typed
 from crosskd_cli.config.presets import DEFAULT_PAIR
+from crosskd_cli.runs.setup import DataPaths, RunRequest, started_run
 
 if TYPE_CHECKING:
     from crosskd_cli.config.presets import Preset

@@ -73,8 +73,8 @@ def evaluate(
 
     Example: crosskd eval runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
+    from crosskd_cli.engine.devices import process_state, quiet_unless_main
     from crosskd_cli.engine.progress import progress_bar
-    from crosskd_cli.engine.trainer import process_state, quiet_unless_main
     from crosskd_cli.errors import OptionError
     from crosskd_cli.inference.evaluate import evaluate_checkpoint
     from crosskd_cli.inference.metrics import metrics_table, per_class_table
@@ -150,7 +150,7 @@ def evaluate(
 def check_eval_options(backend: str, batch_size: int | None, device: str = "auto") -> torch.device:
     """Refuse option values before any data is generated or any image predicted; returns the
     torch device `device` names."""
-    from crosskd_cli.engine.trainer import resolve_device
+    from crosskd_cli.engine.devices import resolve_device
     from crosskd_cli.errors import OptionError
     from crosskd_cli.inference.metrics import check_backend
 

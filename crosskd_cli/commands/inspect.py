@@ -123,8 +123,8 @@ def _show_targets(
     out: Path | None,
     overwrite: bool,
 ) -> None:
-    from crosskd_cli.commands._common import data_source
     from crosskd_cli.distill.target_maps import compute_target_maps, write_target_maps
+    from crosskd_cli.runs.setup import data_source
     from crosskd_cli.runs.teachers import resolve_teacher
 
     source = data_source(data, spec, None, None, None, None)

@@ -63,8 +63,8 @@ def predict(
     Example: crosskd predict --source photos/ runs/teacher/shapes-gfl-r34/best.safetensors
     runs/distill/shapes-gfl-r34-to-r18/best.safetensors
     """
+    from crosskd_cli.engine.devices import resolve_device
     from crosskd_cli.engine.progress import progress_bar
-    from crosskd_cli.engine.trainer import resolve_device
     from crosskd_cli.errors import OptionError
     from crosskd_cli.inference.predict import list_images, load_models, outputs, predict_images
     from crosskd_cli.storage.run_folder import check_folder

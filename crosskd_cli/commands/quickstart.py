@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from crosskd_cli.commands._common import data_source
 from crosskd_cli.commands._options import DataOpt, DownloadWeightsOpt, SetOpt
 from crosskd_cli.errors import RunError
+from crosskd_cli.runs.setup import data_source
 
 console = Console()
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from crosskd_cli.commands._common import data_source, refuse_to_clobber
+from crosskd_cli.commands._common import refuse_to_clobber
 from crosskd_cli.commands._options import (
     BackboneWeightsOpt,
     DataOpt,
@@ -28,14 +28,9 @@ from crosskd_cli.commands._options import (
     ValImagesOpt,
     log_with_setting,
 )
-from crosskd_cli.commands._run import (
-    DataPaths,
-    RunRequest,
-    print_run_summary,
-    started_run,
-    typed,
-)
+from crosskd_cli.commands._run import print_run_summary, typed
 from crosskd_cli.config.presets import DEFAULT_TEACHER
+from crosskd_cli.runs.setup import DataPaths, RunRequest, data_source, started_run
 
 console = Console()
 

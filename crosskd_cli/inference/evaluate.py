@@ -14,7 +14,7 @@ from torch import nn
 from crosskd_cli.checkpoints.format import CheckpointMeta, load_checkpoint, load_state_into
 from crosskd_cli.data import ClassList, CocoDetection, DataSource, build_eval_loader
 from crosskd_cli.detection.structures import Detections, Target
-from crosskd_cli.engine.trainer import default_device, eval_shards
+from crosskd_cli.engine.devices import default_device, eval_shards
 from crosskd_cli.errors import RunError
 from crosskd_cli.inference.metrics import coco_metrics
 from crosskd_cli.inference.postprocess import postprocess, scale_boxes_to_original

@@ -31,7 +31,7 @@ from crosskd_cli.data import read_image
 from crosskd_cli.data.collate import collate_by_shape
 from crosskd_cli.data.transforms import build_transforms, transform_sample
 from crosskd_cli.detection.structures import Target
-from crosskd_cli.engine.trainer import resolve_device
+from crosskd_cli.engine.devices import resolve_device
 from crosskd_cli.errors import DataError
 from crosskd_cli.inference.postprocess import postprocess, scale_boxes_to_original
 from crosskd_cli.models import Detector, build_detector

@@ -33,14 +33,10 @@ from crosskd_cli.distill.pairing import (
 )
 from crosskd_cli.distill.prediction_gap import EpochEndFn, PredictionGap
 from crosskd_cli.distill.preset_checks import load_preset
-from crosskd_cli.engine.trainer import (
-    SaveFn,
-    StepFn,
-    Trainer,
-    TrainerState,
-    eval_shards,
-    make_accelerator,
-)
+from crosskd_cli.engine.accelerator import make_accelerator
+from crosskd_cli.engine.devices import eval_shards
+from crosskd_cli.engine.state import TrainerState
+from crosskd_cli.engine.trainer import Hooks, SaveFn, StepFn, Trainer
 from crosskd_cli.errors import CheckpointError, CrossKDError, ModelError
 from crosskd_cli.families import build_criterion, get_family
 from crosskd_cli.inference.evaluate import evaluate_model, headline, val_evaluator
@@ -63,6 +59,8 @@ class Job:
     record: RunRecord  # config.yaml: the run's inputs besides its preset (preset.yaml)
     watch_zero: tuple[str, ...] = ()  # loss names reported if they stay exactly zero
     export: Callable[[nn.Module], nn.Module] = export_as_is  # `model` -> the detector to save
+    # the exported detector -> more columns of an epoch's results row (Fig. 5)
+    epoch_columns: EpochEndFn | None = None
 
     @property
     def command(self) -> str:
@@ -201,16 +199,10 @@ def run_job(
         if acc.is_main_process:
             write_run_record(run, preset, job, trainer.schedule.record())
 
-    state = trainer.fit(
-        job.model,
-        job.step,
-        train_loader,
-        evaluate,
-        save,
-        resume=resume,
-        watch_zero=job.watch_zero,
-        on_start=record,
-    )
+    columns = job.epoch_columns
+    epoch_columns = None if columns is None else (lambda model: columns(job.export(model)))
+    hooks = Hooks(job.step, evaluate, save, epoch_columns, record, job.watch_zero)
+    state = trainer.fit(job.model, train_loader, hooks, resume=resume)
     drops = drop_reports(splits, trainer)
     if acc.is_main_process:
         write_json(run.metrics, {**state.metrics, "data": drops})
@@ -409,21 +401,17 @@ def distill_student(
         backbone_weights=_absolute(backbone_weights),
         student_weights=_absolute(student_weights),
     )
-    trainer.epoch_end = prediction_gap(preset, distiller, splits, export, trainer)
+    gap = prediction_gap(preset, distiller, splits, trainer)
     watch = distiller.loss_names()
-    job = Job("student", model, spec, distiller.step, training, record, watch, export)
+    job = Job("student", model, spec, distiller.step, training, record, watch, export, gap)
     return run_job(preset, data, run, splits, job, trainer, resume=resume, console=console)
 
 
 def prediction_gap(
-    preset: Preset,
-    distiller: Distiller,
-    splits: DataSplits,
-    export: Callable[[nn.Module], nn.Module],
-    trainer: Trainer,
+    preset: Preset, distiller: Distiller, splits: DataSplits, trainer: Trainer
 ) -> EpochEndFn | None:
-    """The Fig. 5 measurement at each epoch end (`distill.gap_images`), on the exported
-    student; None when it is off."""
+    """The Fig. 5 measurement at each epoch end (`distill.gap_images`), of the exported
+    student (the detector a checkpoint holds); None when it is off."""
     count = preset.distill.gap_images
     if not count:
         return None
@@ -435,7 +423,7 @@ def prediction_gap(
         preset.train.eval_batch_size,
         trainer.accelerator.device,
     )
-    return lambda model: gap(export(model))
+    return gap
 
 
 def _absolute(path: Path | None) -> str | None:
