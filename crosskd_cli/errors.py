@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -71,8 +72,22 @@ def lookup(table: dict[str, T], name: str, what: str) -> T:
     valid names with the closest one."""
     if name in table:
         return table[name]
-    close = difflib.get_close_matches(name, list(table), n=1)
+    close = closest(name, table)
     raise ModelError(
-        f"Unknown {what} '{name}'." + (f" Did you mean '{close[0]}'?" if close else ""),
+        f"Unknown {what} '{name}'." + (f" Did you mean '{close}'?" if close else ""),
         hint=f"Valid {what} names: {', '.join(table)}.",
     )
+
+
+def closest(value: str, options: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The option most like `value` (a likely typo), or None: every "Did you mean" of crosskd
+    asks this (difflib's ratio, `cutoff` the least similarity worth suggesting)."""
+    matches = difflib.get_close_matches(value, list(options), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """An underlying error in one line, to quote in a message: its first line, cut to `limit`
+    characters, or its type's name when it says nothing."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

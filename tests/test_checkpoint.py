@@ -314,14 +314,22 @@ def test_a_detector_survives_the_checkpoint_round_trip_with_identical_outputs(tm
 
 def test_a_checkpoint_gets_the_runs_file_mode_and_stale_temporaries_are_cleared(tmp_path):
     path = tmp_path / "best.safetensors"
-    stale = tmp_path / ".best.safetensors.abc123.tmp"  # a write a kill interrupted
-    stale.write_bytes(b"half a checkpoint")
+    # writes a kill interrupted: crosskd 0.2's temporary name, and today's (suffix kept)
+    stale = [
+        tmp_path / ".best.safetensors.abc123.tmp",
+        tmp_path / ".best.safetensors.x9.tmp.safetensors",
+    ]
+    for path_ in stale:
+        path_.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".last.safetensors.abc123.tmp"  # another file's: not ours to clear
+    other.write_bytes(b"")
     previous = os.umask(0o022)
     try:
         save_checkpoint(path, nn.Linear(2, 2).state_dict(), make_meta())
     finally:
         os.umask(previous)
-    assert not stale.exists()
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
     assert path.stat().st_mode & 0o777 == 0o644  # as config.yaml and results.csv, not 0600
 
 

@@ -37,13 +37,24 @@ def test_auto_precision_is_bf16_only_where_the_device_runs_it_natively(monkeypat
     assert engine.resolve_precision("fp16", "cpu") == "fp16"
 
 
-def test_an_unknown_precision_is_named_with_the_valid_ones():
-    from crosskd_cli.engine.accelerator import resolve_precision
-    from crosskd_cli.errors import RunError
+@pytest.mark.parametrize(
+    ("setting", "options"),
+    [
+        ("train.mixed_precision=bf32", "one of 'no', 'fp16', 'bf16', 'auto'"),
+        ("train.warmup=cosine", "one of 'linear', 'constant'"),
+        ("train.optimizer=adam", "one of 'sgd', 'adamw'"),
+        ("model.extra_convs_source=p6", "one of 'p5_output', 'c5'"),
+    ],
+)
+def test_an_unknown_choice_stops_at_the_preset_naming_the_valid_ones(setting, options):
+    """The parser refuses these before any work; the engine and model do not check again."""
+    from crosskd_cli.distill.preset_checks import load_preset
+    from crosskd_cli.errors import PresetError
 
-    with pytest.raises(RunError, match="train.mixed_precision 'bf32' is not known") as info:
-        resolve_precision("bf32", "cpu")
-    assert "no, fp16, bf16, auto" in info.value.hint
+    key, _, value = setting.partition("=")
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r50", [setting])
+    assert info.value.message.endswith(f"'{key}' must be {options}, got '{value}'.")
 
 
 def test_bf16_autocasts_the_training_step_but_evaluation_runs_in_fp32(tmp_path):

@@ -163,11 +163,6 @@ def test_fpn_relu_before_extra_convs_applies_only_before_the_second():
     assert torch.equal(outs[4], fpn.fpn_convs[4](F.relu(outs[3])))
 
 
-def test_fpn_unknown_extra_source_suggests_the_close_name():
-    with pytest.raises(ModelError, match="Did you mean 'p5_output'"):
-        FPN((8, 16, 32), 12, extra_convs_source="p5_outputs")
-
-
 def test_padded_area_is_zero_after_normalising(small_detector):
     images = torch.full((2, 3, 64, 96), 200, dtype=torch.uint8)
     x = small_detector.normalize(images, [(64, 96), (40, 70)])

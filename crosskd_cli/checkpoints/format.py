@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
-import tempfile
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +22,7 @@ from crosskd_cli.config.safe_read import load_json
 from crosskd_cli.config.schema import METADATA, Count, MaxLength, Side, parse
 from crosskd_cli.errors import CheckpointError, ModelError
 from crosskd_cli.models.build import check_model_names
-from crosskd_cli.storage.files import fsync_dir, fsync_file
+from crosskd_cli.storage.files import atomic_path, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from crosskd_cli.config.presets import Preset
@@ -177,37 +174,11 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], meta: Check
     CheckpointMeta.from_json(text, source=str(path))  # never write a file we cannot read back
     tensors = _plain_tensors(state_dict)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as err:
-        raise _write_error(path, err) from err
-    try:
-        save_file(tensors, tmp_name, metadata={METADATA_KEY: text})
-        fsync_file(tmp_name)
-        os.chmod(tmp_name, _file_mode())  # mkstemp's 0600; the run's other files are 0644
-        os.replace(tmp_name, path)
+        remove_stale_temporaries(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     except (OSError, SafetensorError) as err:
         raise _write_error(path, err) from err
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    fsync_dir(path.parent)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of earlier writes of `path` that a kill left behind (one writer per
-    file: the run folder's lock, or the one import command, makes them stale)."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _file_mode() -> int:
-    """What a plain `open(..., "w")` would give: 0666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _write_error(path: Path, err: Exception) -> CheckpointError:

@@ -22,7 +22,7 @@ from crosskd_cli.config.presets import Preset
 from crosskd_cli.config.schema import shown
 from crosskd_cli.data import CocoDetection, DataSource
 from crosskd_cli.data.coco_layout import COCO_CATEGORY_IDS, COCO_CLASSES
-from crosskd_cli.errors import CheckpointError
+from crosskd_cli.errors import CheckpointError, first_line
 from crosskd_cli.families import get_family
 from crosskd_cli.models import build_detector
 from crosskd_cli.models.backbone_import import UNUSED_KEYS, convert_mmdet_backbone
@@ -94,7 +94,7 @@ def read_mmdet_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]
         loaded, refused = load_checkpoint_object(path)
     except Exception as err:  # a truncated zip, not a pickle at all, ...
         raise CheckpointError(
-            f"{path} cannot be read as a PyTorch checkpoint: {str(err).splitlines()[0]}",
+            f"{path} cannot be read as a PyTorch checkpoint: {first_line(err)}",
             hint="Pass an MMDetection .pth file saved by torch.save.",
         ) from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded

@@ -8,7 +8,6 @@ preset for work runs (`preset_checks.load_preset` reads and checks).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +29,7 @@ from crosskd_cli.config.schema import (
     parse,
     to_plain,
 )
-from crosskd_cli.errors import PresetError
+from crosskd_cli.errors import PresetError, closest, first_line
 
 DEFAULT_PAIR = "gfl-r101-to-r50"  # what distill and inspect use when no --preset is given
 DEFAULT_TEACHER = "gfl-r101"  # the default pair's teacher preset: `crosskd teacher`'s default
@@ -232,7 +231,7 @@ def _read_yaml(path: Path) -> Any:
             hint="Presets are plain mappings of values; see the shipped ones in presets/.",
         ) from None
     except yaml.YAMLError as exc:
-        raise PresetError(f"Preset file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise PresetError(f"Preset file {path} is not valid YAML: {first_line(exc)}") from None
 
 
 def _locate(name_or_path: str) -> Path:
@@ -247,8 +246,8 @@ def _locate(name_or_path: str) -> Path:
     shipped = presets_dir() / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    close = difflib.get_close_matches(name_or_path, list_presets(), n=1, cutoff=0.5)
-    suggestion = f"Did you mean '{close[0]}'? " if close else ""
+    close = closest(name_or_path, list_presets(), cutoff=0.5)
+    suggestion = f"Did you mean '{close}'? " if close else ""
     raise PresetError(
         f"Preset '{name_or_path}' not found.",
         hint=f"{suggestion}Run `crosskd inspect --list-presets`, or pass a path to a YAML file.",

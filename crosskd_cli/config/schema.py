@@ -19,7 +19,6 @@ fields share.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from crosskd_cli.errors import CheckpointError, CrossKDError, PresetError
+from crosskd_cli.errors import CheckpointError, CrossKDError, PresetError, closest
 
 _NONE = type(None)
 
@@ -241,8 +240,8 @@ def _explain(problem: _Problem, where: str, root: str, policy: Policy) -> CrossK
         return policy.raises(message, hint=policy.missing_hint)
     if problem.kind == "unknown":
         valid = problem.choices
-        close = difflib.get_close_matches(str(problem.value), valid, n=1)
-        hint = f"Did you mean '{close[0]}'?" if close else f"Valid keys: {', '.join(valid)}"
+        close = closest(str(problem.value), valid)
+        hint = f"Did you mean '{close}'?" if close else f"Valid keys: {', '.join(valid)}"
         return policy.raises(policy.unknown.format(where=where, path=path), hint=hint)
     if problem.kind == "range":
         return policy.type_error(where, path, problem.choices, problem.value)
@@ -253,8 +252,7 @@ def _explain(problem: _Problem, where: str, root: str, policy: Policy) -> CrossK
         expected = _one_of(tuple(options))
         if isinstance(problem.value, str):
             strings = [o for o in options if isinstance(o, str)]
-            matches = difflib.get_close_matches(problem.value, strings, n=1)
-            close = matches[0] if matches else None
+            close = closest(problem.value, strings)
     return policy.type_error(where, path, expected, problem.value, close)
 
 

@@ -25,7 +25,7 @@ from crosskd_cli.data.boxes import index_boxes
 from crosskd_cli.data.failures import FailedSample, ReadLog, failed, in_worker
 from crosskd_cli.data.transforms import build_transforms, keep_ratio_size, transform_sample
 from crosskd_cli.detection.structures import Target
-from crosskd_cli.errors import CrossKDError, DataError
+from crosskd_cli.errors import CrossKDError, DataError, first_line
 
 
 def _is_int(value: Any) -> bool:
@@ -216,7 +216,7 @@ def read_image(path: Path) -> Tensor:
         return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as exc:
         # torchvision prefixes its messages with "function, source.cpp:line, ".
-        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(exc).splitlines()[0])
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", first_line(exc))
         if not reason.startswith("Unsupported image file"):
             raise _unreadable(path, reason) from None
     try:

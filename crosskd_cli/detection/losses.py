@@ -3,7 +3,7 @@
 GT losses take `reduction` "none" (per element, weighted) or "sum" (weighted sum); none of them
 divides by anything. The KD losses return weighted sums. Normalisation (by the number of
 positives, the sum of weights, ...) is always the caller's, which is where MMDetection and the
-CrossKD recipe differ per term (see `crosskd_cli.criterion` and `crosskd_cli.distill.distiller`).
+CrossKD recipe differ per term (see `crosskd_cli.criteria` and `crosskd_cli.distill.distiller`).
 """
 
 from __future__ import annotations

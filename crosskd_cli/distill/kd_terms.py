@@ -10,7 +10,6 @@ plus one entry in the table (docs/architecture.md).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from crosskd_cli.criteria import DenseCriterion, FlatOutputs
 from crosskd_cli.detection.losses import pkd_loss
 from crosskd_cli.detection.structures import DetectorOutput
 from crosskd_cli.detection.targets import DenseTargets
-from crosskd_cli.errors import PresetError
+from crosskd_cli.errors import PresetError, closest
 
 if TYPE_CHECKING:
     from crosskd_cli.distill.distiller import Distiller, TapStats
@@ -121,8 +120,8 @@ def parse_method(method: str) -> tuple[str, ...]:
     tokens = [token.strip() for token in method.split("+")]
     for token in tokens:
         if token not in KD_TERMS:
-            close = difflib.get_close_matches(token, [*KD_TERMS, NONE], n=1)
-            hint = f"Did you mean '{close[0]}'? " if close else ""
+            close = closest(token, [*KD_TERMS, NONE])
+            hint = f"Did you mean '{close}'? " if close else ""
             raise PresetError(
                 f"Method '{method}': '{token}' is not a KD term.",
                 hint=f"{hint}Combine {', '.join(KD_TERMS)} with '+' (e.g. crosskd+pkd), "

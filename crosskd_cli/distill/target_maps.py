@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from crosskd_cli.distill.pairing import pair_problems
 from crosskd_cli.errors import ModelError, OptionError, RunError
 from crosskd_cli.families import build_criterion
 from crosskd_cli.models import build_detector
+from crosskd_cli.storage.files import atomic_write_text
 from crosskd_cli.viz.plots import save_png
 
 FIGSIZE = (12.8, 3.0)  # at plots.DPI (80): every PNG is 1024x240 px
@@ -229,7 +229,5 @@ def write_target_maps(maps: TargetMaps, out: Path, overwrite: bool) -> list[Path
         "labels": maps.labels,
         "levels": [level.as_dict() for level in maps.levels],
     }
-    tmp = files[-1].with_name("targets.json.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, files[-1])
+    atomic_write_text(files[-1], json.dumps(payload), durable=False)
     return files

@@ -15,8 +15,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from crosskd_cli.engine.devices import collective_failure
-from crosskd_cli.engine.state import first_line
-from crosskd_cli.errors import RunError
+from crosskd_cli.errors import RunError, first_line
 from crosskd_cli.storage.run_folder import RunDir
 from crosskd_cli.storage.state_dir import read_marker
 

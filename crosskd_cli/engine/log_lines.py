@@ -76,10 +76,18 @@ class IntervalLog:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: the GPU's allocator on CUDA, else the process's peak RSS."""
+    """Peak memory so far: the GPU allocator's on CUDA, else this process's peak RSS. VmHWM,
+    not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a process
+    started by a larger one (a launcher, a benchmark) would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB or B
 
 
 def interval_line(record: dict[str, Any], total: int) -> str:

@@ -7,18 +7,6 @@ import torch
 from torch import nn
 
 from crosskd_cli.config.presets import TrainConfig
-from crosskd_cli.errors import PresetError
-
-
-def check_warmup(cfg: TrainConfig) -> None:
-    if cfg.warmup not in ("linear", "constant"):
-        raise PresetError(
-            f"train.warmup '{cfg.warmup}' is not known.",
-            hint="Use --set train.warmup=linear or --set train.warmup=constant.",
-        )
-
-
-OPTIMIZERS = ("sgd", "adamw")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -46,11 +34,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     # fused: one kernel per step, and it honours `found_inf` (NonFiniteGuard) on the device
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer != "sgd":
-        raise PresetError(
-            f"train.optimizer '{cfg.optimizer}' is not known.",
-            hint=f"Use one of: {', '.join(OPTIMIZERS)} (e.g. --set train.optimizer=sgd).",
-        )
     return torch.optim.SGD(
         groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
     )

@@ -18,7 +18,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 from crosskd_cli.engine.log_lines import keep_log_until
-from crosskd_cli.errors import RunError
+from crosskd_cli.errors import RunError, first_line
 from crosskd_cli.storage import state_dir
 from crosskd_cli.storage.run_folder import DAMAGED_HINT, RunDir, keep_results_until
 from crosskd_cli.storage.state_dir import abandon, commit, fresh_tmp, read_marker, recover, tmp_of
@@ -100,11 +100,6 @@ def damaged(folder: Path, problem: str) -> RunError:
         f"The saved state in {folder} is damaged: {problem}.",
         hint=DAMAGED_HINT.format(run=folder.parent),
     )
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 def write_state(acc: Accelerator, folder: Path) -> None:

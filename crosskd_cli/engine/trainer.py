@@ -32,15 +32,10 @@ from crosskd_cli.engine.guards import (
     peers_watched,
 )
 from crosskd_cli.engine.log_lines import IntervalLog, epoch_line, loss_text
-from crosskd_cli.engine.optim import build_optimizer, check_warmup
+from crosskd_cli.engine.optim import build_optimizer
 from crosskd_cli.engine.progress import progress_bar
 from crosskd_cli.engine.schedule import build_schedule
-from crosskd_cli.engine.state import (
-    TrainerState,
-    commit_state,
-    load_state,
-    write_state,
-)
+from crosskd_cli.engine.state import TrainerState, commit_state, load_state, write_state
 from crosskd_cli.engine.total_batch import check_resumed_batch, lr_line, scaled_lr, total_batch
 from crosskd_cli.errors import Interrupted, RunError
 from crosskd_cli.storage.run_folder import RunDir, append_results
@@ -156,7 +151,6 @@ class Trainer:
                 f"total batch, {total_batch(cfg, acc.num_processes).describe()}.",
                 hint="Lower --set train.batch_size (or train.grad_accum) or use more images.",
             )
-        check_warmup(cfg)
         self.schedule = build_schedule(cfg, iters_per_epoch)
         total = self.schedule.total
         lr = scaled_lr(cfg, acc.num_processes)

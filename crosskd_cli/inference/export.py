@@ -38,7 +38,7 @@ from crosskd_cli.inference.postprocess import (
     postprocess_padded,
 )
 from crosskd_cli.inference.predictor import Predictor
-from crosskd_cli.storage.files import write_json
+from crosskd_cli.storage.files import atomic_path, write_json
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -147,9 +147,8 @@ def export_checkpoint(checkpoint: Path, out: Path, fmt: str, nms: bool = False) 
     rows = torch.export.Dim("rows32", min=MIN_SIDE_32, max=MAX_SIDE // 32)
     cols = torch.export.Dim("cols32", min=MIN_SIDE_32, max=MAX_SIDE // 32)
     dynamic = ({0: batch, 2: 32 * rows, 3: 32 * cols}, {0: batch})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    with warnings.catch_warnings():
+    # written beside `out` and checked there; it replaces `out` only once it ran
+    with atomic_path(out) as tmp, warnings.catch_warnings():
         # torchvision's nms meta kernel calls a torch API torch has since renamed
         warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated", FutureWarning)
         program = torch.export.export(graph, (images, sizes), dynamic_shapes=dynamic)
@@ -170,7 +169,6 @@ def export_checkpoint(checkpoint: Path, out: Path, fmt: str, nms: bool = False) 
         diff = detections_diff(predictor, images, sizes, got)
     else:
         diff = max((a - b).abs().max().item() for a, b in zip(expected, got, strict=True))
-    tmp.replace(out)
     sidecar = out.with_name(out.name + ".json")
     write_json(sidecar, describe(predictor, names, fmt, nms))
     return ExportReport(out, sidecar, diff, tuple(images.shape))

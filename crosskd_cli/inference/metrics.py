@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from crosskd_cli.errors import DataError, OptionError
+from crosskd_cli.errors import DataError, OptionError, closest
 
 BACKENDS = ("faster", "pycocotools")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], in this order
@@ -81,10 +80,10 @@ def per_class_rows(coco_gt: Any, precision: np.ndarray, cat_ids: list[int]) -> l
 def check_backend(backend: str) -> None:
     """Refuse an unknown evaluator by name, so a command can check before it predicts."""
     if backend not in EVALUATORS:
-        close = difflib.get_close_matches(backend, BACKENDS, n=1)
+        close = closest(backend, BACKENDS)
         raise OptionError(
             f"COCO evaluation backend '{backend}' is not known.",
-            hint=(f"Did you mean '{close[0]}'? " if close else "")
+            hint=(f"Did you mean '{close}'? " if close else "")
             + f"Use one of: {', '.join(BACKENDS)}.",
         )
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosskd_cli.errors import ModelError
-
-EXTRA_CONVS_SOURCES = ("p5_output", "c5")
 
 
 class FPN(nn.Module):
@@ -32,17 +30,10 @@ class FPN(nn.Module):
         in_channels: Sequence[int],
         out_channels: int,
         num_outs: int = 5,
-        extra_convs_source: str = "p5_output",
+        extra_convs_source: Literal["p5_output", "c5"] = "p5_output",
         relu_before_extra_convs: bool = False,
     ) -> None:
         super().__init__()
-        if extra_convs_source not in EXTRA_CONVS_SOURCES:
-            close = difflib.get_close_matches(extra_convs_source, EXTRA_CONVS_SOURCES, n=1)
-            raise ModelError(
-                f"extra_convs_source '{extra_convs_source}' is not known."
-                + (f" Did you mean '{close[0]}'?" if close else ""),
-                hint=f"Use one of: {', '.join(EXTRA_CONVS_SOURCES)}.",
-            )
         if num_outs < len(in_channels):
             raise ModelError(
                 f"The FPN was asked for {num_outs} levels but has {len(in_channels)} inputs.",

@@ -19,7 +19,7 @@ import yaml
 from crosskd_cli.config.presets import Preset, build_preset, read_preset
 from crosskd_cli.config.safe_read import Unbounded, load_yaml
 from crosskd_cli.config.schema import Policy, parse, to_plain, yaml_words
-from crosskd_cli.errors import CheckpointError, DataError, PresetError, RunError
+from crosskd_cli.errors import CheckpointError, DataError, PresetError, RunError, first_line
 from crosskd_cli.storage.files import atomic_write_text, file_digest
 from crosskd_cli.storage.run_folder import RunDir
 
@@ -175,8 +175,9 @@ def _read_config(run: RunDir) -> dict[str, Any]:
     try:
         raw = load_yaml(text)
     except (Unbounded, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0]
-        raise RunError(f"{run.config} is damaged: not plain YAML ({first}).", hint) from None
+        raise RunError(
+            f"{run.config} is damaged: not plain YAML ({first_line(err)}).", hint
+        ) from None
     if not isinstance(raw, dict):
         raise RunError(f"{run.config} is damaged: it holds {type(raw).__name__}, not a mapping.")
     return raw

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crosskd_cli.errors import RunError
+from crosskd_cli.storage.files import atomic_path
 from crosskd_cli.storage.state_dir import MARKER as TRAINER_STATE
 from crosskd_cli.storage.state_dir import marker_problem, old_of, read_marker, tmp_of
 
@@ -348,12 +349,10 @@ def keep_results_until(run: RunDir, epoch: int) -> None:
 
 def _write_results(run: RunDir, header: list[str], rows: list[dict[str, Any]]) -> None:
     """results.csv replaced whole, through a temporary file: never half a table."""
-    tmp = run.results.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(run.results, durable=False) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, run.results)
 
 
 def _fmt(value: Any) -> Any:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crosskd_cli.storage.files import fsync_dir, fsync_file
+from crosskd_cli.storage.files import atomic_write_text, fsync_dir, fsync_file
 
 MARKER = "trainer_state.json"  # written last; holds the loop's position (TrainerState)
 STEPS = ("write", "mark", "retire", "promote", "drop")
@@ -144,13 +144,7 @@ def fsync_tree(folder: Path) -> None:
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
-    tmp = folder / f".{MARKER}.tmp"
-    with tmp.open("w") as f:
-        f.write(json.dumps(marker, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MARKER)
-    fsync_dir(folder)
+    atomic_write_text(folder / MARKER, json.dumps(marker, indent=2) + "\n")
 
 
 def _trash_name(state: Path) -> str:

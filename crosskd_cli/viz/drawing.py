@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.io import decode_png, encode_png
 from torchvision.utils import draw_bounding_boxes
+
+from crosskd_cli.storage.files import atomic_path
 
 # One colour per class label (cycled): distinct hues that keep black label text readable.
 PALETTE = (
@@ -95,11 +96,9 @@ def _fit(draw: ImageDraw.ImageDraw, font, text: str, width: int) -> str:
 
 def write_png(path: Path, image: Tensor) -> None:
     """(3, H, W) uint8 -> a PNG file at `path`, written atomically (temporary file, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = encode_png(image.contiguous().cpu(), compression_level=9)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(bytes(data.numpy()))
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        tmp.write_bytes(bytes(data.numpy()))
 
 
 def read_png(path: Path) -> Tensor:

@@ -11,13 +11,13 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from crosskd_cli.storage.files import atomic_path
 from crosskd_cli.storage.run_folder import RunDir
 
 RESULTS_PNG = "results.png"
@@ -157,9 +157,8 @@ def save_png(fig: Any, path: Path) -> None:
     buffer.seek(0)
     with Image.open(buffer) as image:
         small = image.convert("RGB").quantize(256)
-    tmp = path.with_name(path.name + ".tmp")
-    small.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        small.save(tmp, format="PNG", optimize=True)
 
 
 def _values(series: Series) -> list[float]:
