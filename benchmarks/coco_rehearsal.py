@@ -23,9 +23,9 @@ the median step time on one process, plus one evaluation of COCO's 5,000 val ima
 weights put fewer candidates past the score threshold than trained ones; the backbones, FPN
 and heads dominate the time.
 
-    python benchmarks/coco_rehearsal.py          # 25 min on 2 CPU cores shared with other jobs
-    python benchmarks/coco_rehearsal.py --work rehearsal/     # keep the folder, runs, logs
-    python benchmarks/coco_rehearsal.py --set 'data.scale=[128,96]'  # a smoke run, minutes
+    python -m benchmarks.coco_rehearsal          # 25 min on 2 CPU cores shared with other jobs
+    python -m benchmarks.coco_rehearsal --work rehearsal/     # keep the folder, runs, logs
+    python -m benchmarks.coco_rehearsal --set 'data.scale=[128,96]'  # a smoke run, minutes
 
 Prints a markdown table and writes it with the figures as JSON to --out
 (benchmarks/results/coco_rehearsal/ by default).
@@ -38,9 +38,7 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -53,21 +51,22 @@ from pathlib import Path
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from crosskd_cli.data import resolve_data  # noqa: E402
-from crosskd_cli.data.coco_layout import (  # noqa: E402
+from benchmarks.common import machine
+from crosskd_cli.data import resolve_data
+from crosskd_cli.data.coco_layout import (
     COCO_CLASSES,
     COCO_TRAIN_IMAGES,
     COCO_VAL_IMAGES,
     write_coco_folder,
 )
-from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.inference.evaluate import evaluate_checkpoint  # noqa: E402
-from crosskd_cli.models import build_detector  # noqa: E402
-from crosskd_cli.models.pretrained import BACKBONE_INITS, cache_path  # noqa: E402
-from tests.test_import import mmdetection_layout  # noqa: E402
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.engine.log_lines import peak_memory_mb
+from crosskd_cli.inference.evaluate import evaluate_checkpoint
+from crosskd_cli.models import build_detector
+from crosskd_cli.models.pretrained import BACKBONE_INITS, cache_path
+from tests.test_import import mmdetection_layout
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout the commands run from
 
 PRESET, TEACHER_PRESET = "gfl-r101-to-r50", "gfl-r101"
 STOPPED = re.compile(r"Stopped by SIGTERM at epoch \d+, iteration (\d+)")
@@ -96,6 +95,7 @@ class Command:
         self.returncode = os.waitstatus_to_exitcode(status)
         self.proc.returncode = self.returncode  # reaped here; Popen must not wait again
         self.wall_s = time.perf_counter() - self.start
+        # the command's own peak: this driver stays small, so the fork inherits little
         self.max_rss_mb = usage.ru_maxrss / 1024
         return True
 
@@ -237,21 +237,6 @@ def eval_speed(checkpoint: Path, folder: Path) -> dict:
     }
 
 
-def machine() -> dict:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor() or platform.machine(),
-    )  # fmt: skip
-    return {
-        "cpu": model,
-        "nproc": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def predict_hours(
     step_s: float, step_cpu_s: float, eval_ips: float, batch: int, overrides: list[str]
 ) -> dict:
@@ -277,7 +262,8 @@ def predict_hours(
 def table(result: dict) -> str:
     m, s, e, p = result["machine"], result["steps"], result["eval"], result["prediction"]
     rows = [
-        ("machine", f"{m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB, torch {m['torch']}"),
+        ("machine", f"{m['usable_cores']} cores, {m['cpu']}, {m['memory_gib']} GiB, "
+                    f"torch {m['torch']}"),
         ("data", f"{result['train_images']} train + {e['images']} val images of COCO's sizes, "
                  f"scale {result['scale']}"),
         ("distill", f"{PRESET}, batch {result['batch']}, {result['iters']} steps: "
@@ -370,7 +356,7 @@ def main() -> None:
         "peak_rss_mb": {
             "training": max(r["max_memory_mb"] for r in records),
             "commands": {name: round(c.max_rss_mb) for name, c in commands.items()},
-            "benchmark_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "benchmark_process": round(peak_memory_mb(torch.device("cpu"))),
         },
         "wall_s": {name: round(c.wall_s, 1) for name, c in commands.items()},
         "eval": speed,

@@ -15,9 +15,9 @@ trained model, so post-processing is a little cheaper than on real data; the bac
 and head dominate anyway. One warm-up batch is run and not timed; each row is the best of
 --repeats passes over the images.
 
-    python benchmarks/eval_speed.py                          # both models, batch 1 and 2 (+8)
-    python benchmarks/eval_speed.py --device cuda --r50-images 32
-    python benchmarks/eval_speed.py --threads 1 --only student-160
+    python -m benchmarks.eval_speed                          # both models, batch 1 and 2 (+8)
+    python -m benchmarks.eval_speed --device cuda --r50-images 32
+    python -m benchmarks.eval_speed --threads 1 --only student-160
 
 Prints a markdown table: model, image size, batch size, device, threads, images/second and
 milliseconds per image.
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,13 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from crosskd_cli.data import CocoDetection, build_eval_loader  # noqa: E402
-from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.engine.devices import resolve_device  # noqa: E402
-from crosskd_cli.inference.evaluate import predict  # noqa: E402
-from crosskd_cli.models import build_detector  # noqa: E402
+from benchmarks.common import machine
+from crosskd_cli.data import CocoDetection, build_eval_loader
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.engine.devices import resolve_device
+from crosskd_cli.inference.evaluate import predict
+from crosskd_cli.models import build_detector
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ def main() -> None:
     device = resolve_device(args.device)
     counts = {"student-160": args.student_images, "gfl-r50-1333": args.r50_images}
     chosen = [c for c in CASES if args.only is None or c.name in args.only.split(",")]
-    cpu = platform.processor() or platform.machine()
+    cpu = machine()["cpu"]
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {cpu}\n")
     print("| model | images | batch | device | threads | images/s | ms/image |")
     print("|---|---|---|---|---|---|---|")

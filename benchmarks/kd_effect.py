@@ -6,9 +6,9 @@ seeds for the three that matter most, through the real `crosskd` commands. Every
 is evaluated with `crosskd eval` and leaves a small JSON file in --results; commit those, since
 machines are not kept: a later session reruns only what has no result yet.
 
-    python benchmarks/kd_effect.py                    # everything still missing, then the report
-    python benchmarks/kd_effect.py --only none,crosskd-i3 --seeds 3
-    python benchmarks/kd_effect.py --report-only      # table + plot from the committed results
+    python -m benchmarks.kd_effect                    # everything still missing, then the report
+    python -m benchmarks.kd_effect --only none,crosskd-i3 --seeds 3
+    python -m benchmarks.kd_effect --report-only      # table + plot from the committed results
 
 Writes benchmarks/results/kd_effect/*.json (one per run), and kd_effect.md / .json / .png
 beside them. Needs `pip install -e '.[bench]'` for the plot (matplotlib).
@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kd_report import label_of, write_report  # noqa: E402
-
-from crosskd_cli.storage.files import file_digest  # noqa: E402
+from benchmarks.common import machine
+from benchmarks.kd_report import label_of, write_report
+from crosskd_cli.storage.files import atomic_write_text, file_digest
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "kd_effect"
@@ -116,23 +114,8 @@ def digest(path: Path) -> str:
     return file_digest(path)[:16]
 
 
-def machine() -> dict:
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "host_cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write_result(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,10 +32,10 @@ sections:
   worker delivers), against the images/second the fastest CrossKD step consumes at 1333x800.
 - `metric`: seconds of the COCO metric over 5000 images x 100 detections, per backend.
 
-    python benchmarks/speed.py                              # everything, CPU, a few minutes
-    python benchmarks/speed.py --sections distill --repeats 9
-    python benchmarks/speed.py --device cuda --size 1333x800 --batch 2
-    python benchmarks/speed.py --json speed.json --markdown speed.md
+    python -m benchmarks.speed                              # everything, CPU, a few minutes
+    python -m benchmarks.speed --sections distill --repeats 9
+    python -m benchmarks.speed --device cuda --size 1333x800 --batch 2
+    python -m benchmarks.speed --json speed.json --markdown speed.md
 
 Prints a table per section and writes every figure to --json.
 """
@@ -45,9 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,20 +61,20 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from crosskd_cli.config.presets import DistillConfig, TrainConfig  # noqa: E402
-from crosskd_cli.detection.structures import Batch, Target  # noqa: E402
-from crosskd_cli.distill.distiller import Distiller  # noqa: E402
-from crosskd_cli.distill.kd_terms import resolve_distill  # noqa: E402
-from crosskd_cli.distill.preset_checks import load_preset  # noqa: E402
-from crosskd_cli.engine.accelerator import native_bf16  # noqa: E402
-from crosskd_cli.engine.devices import resolve_device  # noqa: E402
-from crosskd_cli.engine.optim import build_optimizer  # noqa: E402
-from crosskd_cli.families import build_criterion, get_family  # noqa: E402
-from crosskd_cli.inference.postprocess import postprocess  # noqa: E402
-from crosskd_cli.models import build_detector  # noqa: E402
-from crosskd_cli.models.fast_step import (  # noqa: E402
+from benchmarks.common import machine
+from crosskd_cli.config.presets import DistillConfig, TrainConfig
+from crosskd_cli.detection.structures import Batch, Target
+from crosskd_cli.distill.distiller import Distiller
+from crosskd_cli.distill.kd_terms import resolve_distill
+from crosskd_cli.distill.preset_checks import load_preset
+from crosskd_cli.engine.accelerator import native_bf16
+from crosskd_cli.engine.devices import resolve_device
+from crosskd_cli.engine.log_lines import peak_memory_mb
+from crosskd_cli.engine.optim import build_optimizer
+from crosskd_cli.families import build_criterion, get_family
+from crosskd_cli.inference.postprocess import postprocess
+from crosskd_cli.models import build_detector
+from crosskd_cli.models.fast_step import (
     runtime_teacher,
     standard_layout,
     step_layout,
@@ -222,21 +219,6 @@ def build_step(
     return step
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The GPU allocator's peak, else this process's peak RSS. VmHWM, not getrusage's
-    ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report its
-    parent's (the benchmark's) RSS whenever that is larger."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def child_memory(args: argparse.Namespace) -> None:
     """--child METHOD:PRECISION: build, run two steps, print the peak memory as JSON."""
     method, precision = args.child.split(":")
@@ -252,8 +234,10 @@ def measure_memory(args: argparse.Namespace, method: str, precision: str) -> flo
     """Peak memory of a fresh process that builds the models and runs two steps (MB): its
     peak RSS on a CPU (torch's libraries included; the JSON keeps what the imports alone
     took), the allocator's peak on a GPU."""
-    command = [sys.executable, __file__, "--child", f"{method}:{precision}", *common_flags(args)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "benchmarks.speed", "--child", f"{method}:{precision}",
+               *common_flags(args)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent  # `benchmarks` importable whatever the cwd
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
     if done.returncode != 0:
         print(f"  (memory of {method} {precision} not measured: {done.stderr.strip()[-300:]})")
         return None
@@ -663,27 +647,6 @@ def markdown(figures: list[Figure], extra: dict[str, dict[str, float]]) -> str:
             lines += [f"\n### {title}\n", "| | value |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "native_bf16_cpu": native_bf16("cpu"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # ----------------------------------------------------------------------- command line

@@ -173,3 +173,15 @@ def test_only_the_engine_imports_accelerate():
     # `inspect --env` only prints Accelerate's version
     assert {unit_of(name) for name in importers} == {"engine", "commands"}
     assert [name for name in importers if unit_of(name) == "commands"] == ["commands.inspect"]
+
+
+def test_benchmarks_are_a_package_run_with_python_m_without_path_edits():
+    """`python -m benchmarks.NAME` from the checkout: no sys.path edits, no E402 exemptions,
+    shared helpers imported from `benchmarks.common`, no copies of them."""
+    folder = PACKAGE.parent / "benchmarks"
+    assert (folder / "__init__.py").is_file()
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text()
+        assert "sys.path" not in text and "noqa: E402" not in text, path.name
+        assert "def machine(" not in text or path.name == "common.py", path.name
+        assert "python benchmarks/" not in text, path.name  # usage lines name the -m form
