@@ -23,7 +23,7 @@ from crosskd_cli.criteria import (
     RetinaNetCriterion,
 )
 from crosskd_cli.detection.box_coders import BoxCoder, DeltaCoder, DistanceCoder, DistributionCoder
-from crosskd_cli.detection.targets import AnchorGrid, anchor_grid, point_grid
+from crosskd_cli.detection.priors import AnchorGrid, anchor_grid, point_grid
 from crosskd_cli.errors import lookup
 
 

@@ -10,18 +10,16 @@ import torch
 
 from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.config.presets import DistillConfig
+from crosskd_cli.detection.box_ops import decode_deltas, encode_deltas
+from crosskd_cli.detection.priors import AnchorGrid, point_grid
 from crosskd_cli.detection.structures import Batch, HeadOutput, Target
 from crosskd_cli.detection.targets import (
     IGNORED,
     NEGATIVE,
     OUT_OF_IMAGE,
-    AnchorGrid,
     centerness_target,
-    decode_deltas,
-    encode_deltas,
     fcos_assign,
     max_iou_assign,
-    point_grid,
 )
 from crosskd_cli.distill.distiller import Distiller, cross_head_forward
 from crosskd_cli.families import build_criterion, get_family

@@ -9,6 +9,7 @@ import torch
 
 from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria.gfl import LOSS_WEIGHTS
+from crosskd_cli.detection.box_ops import bbox_to_distance
 from crosskd_cli.detection.losses import (
     bce_kd_loss,
     distribution_focal_loss,
@@ -18,8 +19,8 @@ from crosskd_cli.detection.losses import (
     qfl_kd_loss,
     quality_focal_loss,
 )
+from crosskd_cli.detection.priors import AnchorGrid
 from crosskd_cli.detection.structures import HeadOutput, Target
-from crosskd_cli.detection.targets import AnchorGrid, bbox_to_distance
 from crosskd_cli.errors import ModelError
 from crosskd_cli.families import build_criterion
 

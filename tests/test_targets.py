@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from crosskd_cli.detection.box_ops import (
+    aligned_box_iou,
+    bbox_to_distance,
+    distance_to_bbox,
+    integral,
+)
+from crosskd_cli.detection.priors import AnchorGrid, flatten_levels
 from crosskd_cli.detection.structures import Target
 from crosskd_cli.detection.targets import (
     NEGATIVE,
     OUT_OF_IMAGE,
-    AnchorGrid,
-    aligned_box_iou,
     atss_assign,
-    bbox_to_distance,
     build_targets,
-    distance_to_bbox,
-    flatten_levels,
-    integral,
     pad_targets,
 )
 

@@ -9,12 +9,12 @@ from torch import Tensor
 from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.criteria.base import FlatOutputs, ReduceMean
 from crosskd_cli.criteria.retinanet import RetinaNetCriterion, positive_boxes
+from crosskd_cli.detection.box_ops import bbox_to_distance
 from crosskd_cli.detection.losses import focal_loss, giou_loss
 from crosskd_cli.detection.targets import (
     ATSS_TOPK,
     DenseTargets,
     atss_assign,
-    bbox_to_distance,
     build_targets,
     centerness_target,
 )

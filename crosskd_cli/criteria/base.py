@@ -21,14 +21,9 @@ from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.detection.box_coders import BoxCoder
 from crosskd_cli.detection.losses import bce_kd_loss, giou_loss, qfl_kd_loss
+from crosskd_cli.detection.priors import AnchorGrid, AnchorSet, flatten_levels
 from crosskd_cli.detection.structures import HeadOutput, Target, upcast
-from crosskd_cli.detection.targets import (
-    AnchorGrid,
-    AnchorSet,
-    DenseTargets,
-    flatten_levels,
-    pad_targets,
-)
+from crosskd_cli.detection.targets import DenseTargets, pad_targets
 
 ReduceMean = Callable[[Tensor], Tensor]
 NORM_EPS = 1e-6

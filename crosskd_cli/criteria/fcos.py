@@ -7,11 +7,11 @@ from torch import Tensor
 
 from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
+from crosskd_cli.detection.box_ops import bbox_to_distance
 from crosskd_cli.detection.losses import focal_loss, iou_loss
 from crosskd_cli.detection.targets import (
     FCOS_RANGES,
     DenseTargets,
-    bbox_to_distance,
     build_targets,
     centerness_target,
     fcos_assign,

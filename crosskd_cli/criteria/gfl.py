@@ -8,23 +8,20 @@ from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.config.presets import DistillConfig
 from crosskd_cli.criteria.base import NORM_EPS, DenseCriterion, FlatOutputs, ReduceMean
 from crosskd_cli.detection.box_coders import DistributionCoder
+from crosskd_cli.detection.box_ops import (
+    aligned_box_iou,
+    bbox_to_distance,
+    distance_to_bbox,
+    integral,
+)
 from crosskd_cli.detection.losses import (
     distribution_focal_loss,
     giou_loss,
     kl_box_kd_loss,
     quality_focal_loss,
 )
-from crosskd_cli.detection.targets import (
-    ATSS_TOPK,
-    AnchorGrid,
-    DenseTargets,
-    aligned_box_iou,
-    atss_assign,
-    bbox_to_distance,
-    build_targets,
-    distance_to_bbox,
-    integral,
-)
+from crosskd_cli.detection.priors import AnchorGrid
+from crosskd_cli.detection.targets import ATSS_TOPK, DenseTargets, atss_assign, build_targets
 
 # The one table of GFL's GT loss weights (MMDetection's GFL config); keys are the logged names.
 LOSS_WEIGHTS = {"loss_qfl": 1.0, "loss_dfl": 0.25, "loss_giou": 2.0}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from crosskd_cli.detection.targets import decode_deltas, distance_to_bbox, encode_deltas, integral
+from crosskd_cli.detection.box_ops import decode_deltas, distance_to_bbox, encode_deltas, integral
 
 
 def prior_centers(priors: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from crosskd_cli.detection.targets import aligned_box_iou
+from crosskd_cli.detection.box_ops import aligned_box_iou
 from crosskd_cli.errors import ModelError
 
 Reduction = Literal["none", "sum"]

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from crosskd_cli.criteria import DenseCriterion, FlatOutputs
 from crosskd_cli.data.collate import collate_by_shape
+from crosskd_cli.detection.box_ops import bbox_to_distance
 from crosskd_cli.detection.structures import Batch
-from crosskd_cli.detection.targets import DenseTargets, bbox_to_distance
+from crosskd_cli.detection.targets import DenseTargets
 
 COLUMNS = ("l1_to_teacher_cls", "l1_to_teacher_box", "l1_to_gt_cls", "l1_to_gt_box")
 

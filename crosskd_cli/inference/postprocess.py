@@ -20,8 +20,8 @@ from torchvision.ops import batched_nms, nms
 
 from crosskd_cli.config.model_spec import ModelSpec
 from crosskd_cli.detection.box_coders import BoxCoder
+from crosskd_cli.detection.priors import AnchorGrid, flatten_levels
 from crosskd_cli.detection.structures import Detections, HeadOutput, upcast
-from crosskd_cli.detection.targets import AnchorGrid, flatten_levels
 from crosskd_cli.families import get_family
 
 SCORE_THR = 0.05
