@@ -5,7 +5,7 @@ Trains the pair's teacher, then the three students (in parallel with --parallel)
 real `crosskd teacher` and `crosskd distill` commands (every distill run measures Fig. 5 by
 default, `distill.gap_images`), and draws the three results.csv files into one picture:
 
-    python -m benchmarks.prediction_gap --out runs/fig5 --png docs/images/prediction_gap.png
+    python -m benchmarks.fig5 --out runs/fig5 --png docs/images/prediction_gap.png
 
 A short schedule by default (the README figure's; minutes on a few CPU cores); --set passes
 overrides to every run, --teacher-epochs / --student-epochs set the schedules.

@@ -4,7 +4,7 @@ In one process, interleaved so that both see the same machine load: distillation
 quickstart pair (bf16 autocast where the CPU has it, as the quickstart trains) and the
 epoch-end measurement on N validation images. Prints the measurement's share of an epoch.
 
-    python -m benchmarks.prediction_gap_overhead TEACHER.safetensors --images 32
+    python -m benchmarks.fig5_overhead TEACHER.safetensors --images 32
 
 TEACHER: a teacher of the pair, e.g. the quickstart's cached one or runs/fig5/teacher's.
 """
