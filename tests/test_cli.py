@@ -320,6 +320,28 @@ def test_distill_without_a_teacher_says_how_to_get_one():
     assert "crosskd teacher --preset shapes-gfl-r50" in result.output
 
 
+@pytest.mark.parametrize(
+    ("preset", "commands"),
+    [
+        ("atss-r101-to-r50-pkd",
+         ["crosskd teacher import atss_r101_fpn_1x_coco.pth --preset atss-r101"]),
+        ("shapes-retinanet-r34-to-r18",
+         ["crosskd teacher --preset shapes-retinanet-r34 --data builtin:shapes",
+          "crosskd quickstart --preset shapes-retinanet-r34-to-r18",
+          "crosskd teacher import FILE --preset shapes-retinanet-r34"]),
+    ],
+)  # fmt: skip
+def test_the_no_teacher_hint_quotes_whole_commands_that_paste(preset, commands):
+    """Each command of the hint in its own backticks, nothing else inside them (the model
+    zoo remark once sat inside, so the pasted command failed)."""
+    from crosskd_cli.distill.preset_checks import load_preset
+    from crosskd_cli.runs.teachers import how_to_get_hint
+
+    pair = load_preset(preset)
+    hint = how_to_get_hint(pair.teacher.how_to_get, pair.teacher.preset)
+    assert re.findall(r"`([^`]*)`", hint) == commands
+
+
 def test_distill_refuses_a_teacher_with_another_class_list(teacher_run):
     result = runner.invoke(
         app,
@@ -404,3 +426,31 @@ def test_a_tracker_whose_package_is_missing_is_named_before_training(tmp_path):
     assert result.exit_code == 2
     assert "train.log_with names 'wandb', but its package is not installed." in result.output
     assert "pip install 'crosskd-cli[wandb]'" in result.output
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_no_option_help_loses_bracketed_text_to_rich_markup():
+    """Rich reads `[word]` as markup and drops it: `pip install 'crosskd-cli[tensorboard]'`
+    once showed as `pip install 'crosskd-cli'`. Every bracket an option's help holds shows."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path, command in _commands(root):
+        output = " ".join(
+            runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output.split()
+        )
+        for param in command.params:
+            text = (getattr(param, "help", None) or "").replace("\\[", "[")
+            for bracketed in re.findall(r"\[[^\]\s]*\]", text):
+                assert bracketed in output, f"crosskd {' '.join(path)} {param.name}: {bracketed}"
+                checked += 1
+    assert checked >= 2  # the trackers' and the export formats' extras at least

@@ -96,7 +96,7 @@ LogWithOpt = Annotated[
         metavar="TRACKER",
         help="Also send the interval records to an experiment tracker through Accelerate: "
         "tensorboard, wandb, mlflow, aim, comet_ml, clearml or dvclive (its package installed, "
-        "e.g. pip install 'crosskd-cli[tensorboard]'). Repeatable. Same as --set "
+        "e.g. pip install 'crosskd-cli\\[tensorboard]'). Repeatable. Same as --set "
         "train.log_with=[...].",
     ),
 ]

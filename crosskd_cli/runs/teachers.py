@@ -71,6 +71,21 @@ def resolve_teacher(preset: Preset, data: DataSource, given: Path | None, consol
     raise CheckpointError(
         f"No teacher weights for preset '{preset.name}' (teacher preset "
         f"'{preset.teacher.preset}').",
-        hint=f"Train one with `{how}` (or convert one with `crosskd teacher import FILE "
-        f"--preset {preset.teacher.preset}`), then pass --teacher RUN/best.safetensors.",
+        hint=how_to_get_hint(how, preset.teacher.preset),
+    )
+
+
+def how_to_get_hint(how: str, teacher_preset: str) -> str:
+    """A preset's `teacher.how_to_get` as a hint whose commands paste into a shell: each
+    command in backticks, a remark such as "(MMDetection model zoo)" outside them."""
+    command, _, remark = how.partition(" (")
+    remark = remark.removesuffix(")")
+    if remark.startswith("or crosskd "):  # another command: quoted as the first
+        remark = f"or `{remark.removeprefix('or ')}`"
+    get = f"`{command}`" + (f" ({remark})" if remark else "")
+    if command.startswith("crosskd teacher import"):
+        return f"Get one with {get}, then pass the file it writes with --teacher."
+    return (
+        f"Train one with {get}, or convert one with `crosskd teacher import FILE --preset "
+        f"{teacher_preset}`; then pass --teacher RUN/best.safetensors."
     )
