@@ -31,11 +31,47 @@ class _FlagsAsFlags:
         return params
 
 
-class Command(_FlagsAsFlags, TyperCommand):
+# Click's UsageError as typer raises it (recent typers vendor their own Click)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _SetNeedsEquals:
+    """`--set train.epochs 3` (a space for the `=`) reads `3` as a stray argument, which
+    Click reports as "unexpected extra argument (3)": say what was meant instead."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["set_needs_equals"] = meant = set_without_equals(args)
+        try:
+            return super().parse_args(ctx, args)  # type: ignore[misc]
+        except _USAGE_ERROR:
+            if meant is None:
+                raise
+            raise _USAGE_ERROR(meant, ctx) from None
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """A group (`crosskd teacher`) reads the stray `3` as a subcommand's name."""
+        try:
+            return super().resolve_command(ctx, args)  # type: ignore[misc]
+        except _USAGE_ERROR:
+            meant = ctx.meta.get("set_needs_equals")
+            if meant is None:
+                raise
+            raise _USAGE_ERROR(meant, ctx) from None
+
+
+def set_without_equals(args: list[str]) -> str | None:
+    """The fix for the first `--set KEY VALUE` in `args`, if any."""
+    for option, key, value in zip(args, args[1:], args[2:], strict=False):
+        if option == "--set" and "=" not in key and not value.startswith("-"):
+            return f"--set {key} {value}: --set takes KEY=VALUE; write --set {key}={value}"
+    return None
+
+
+class Command(_SetNeedsEquals, _FlagsAsFlags, TyperCommand):
     pass
 
 
-class Group(_FlagsAsFlags, TyperGroup):
+class Group(_SetNeedsEquals, _FlagsAsFlags, TyperGroup):
     pass
 
 

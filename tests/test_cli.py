@@ -454,3 +454,12 @@ def test_no_option_help_loses_bracketed_text_to_rich_markup():
                 assert bracketed in output, f"crosskd {' '.join(path)} {param.name}: {bracketed}"
                 checked += 1
     assert checked >= 2  # the trackers' and the export formats' extras at least
+
+
+@pytest.mark.parametrize("command", [["distill"], ["teacher"], ["teacher", "import", "f.pth"]])
+def test_a_set_without_its_equals_sign_is_told_how_to_write_it(command):
+    """`--set train.epochs 3` leaves `3` as a stray argument (a subcommand's name to the
+    `teacher` group): the error says what was meant, not only "unexpected extra argument"."""
+    result = runner.invoke(app, [*command, "--set", "train.epochs", "3"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "--set takes KEY=VALUE; write --set train.epochs=3" in result.output

@@ -149,8 +149,15 @@ def test_a_choice_that_yaml_reads_as_a_boolean_is_taken_as_written():
 def test_unknown_key_names_the_dotted_path_and_suggests_the_close_match():
     with pytest.raises(PresetError) as info:
         load_preset("gfl-r50", ["train.epoch=3"])
-    assert "unknown key 'train.epoch'" in info.value.message
-    assert info.value.hint == "Did you mean 'epochs'?"
+    # the override is named, not the preset file, and the whole key is suggested
+    assert info.value.message == "--set train.epoch=3: unknown key 'train.epoch'."
+    assert info.value.hint == "Did you mean 'train.epochs'?"
+    with pytest.raises(PresetError) as info:
+        load_preset("gfl-r101-to-r50", ["xyz.q=1"])
+    assert info.value.hint.startswith("Keys start with one of: name, description, model,")
+    # a free mapping takes any key; an optional section (a pair's teacher) is walked into
+    assert load_preset("gfl-r101-to-r50", ["reference.mine=1"]).reference["mine"] == 1
+    assert load_preset("gfl-r101-to-r50", ["teacher.weights=t.safetensors"]).teacher.weights
 
 
 def test_unknown_nested_key_in_a_preset_file_names_its_dotted_path_and_close_match(tmp_path):
@@ -166,7 +173,7 @@ def test_unknown_key_inside_an_optional_section_is_named_too():
     with pytest.raises(PresetError) as info:
         load_preset("gfl-r101-to-r50", ["teacher.wieghts=x.safetensors"])
     assert "unknown key 'teacher.wieghts'" in info.value.message
-    assert info.value.hint == "Did you mean 'weights'?"
+    assert info.value.hint == "Did you mean 'teacher.weights'?"
 
 
 def test_wrong_type_names_the_path_the_expected_type_and_the_value():

@@ -8,6 +8,8 @@ preset for work runs (`preset_checks.load_preset` reads and checks).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -269,6 +271,7 @@ def apply_override(raw: dict, item: str) -> None:
     except yaml.YAMLError as exc:
         raise PresetError(f"Override '{item}': value '{text}' is not valid YAML.") from exc
     parts = key.strip().split(".")
+    _check_override_key(parts, item)
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -278,3 +281,54 @@ def apply_override(raw: dict, item: str) -> None:
             raise PresetError(f"Override '{item}': '{part}' is not a section.")
         node = child
     node[parts[-1]] = value
+
+
+def _check_override_key(parts: list[str], item: str) -> None:
+    """Refuse a `--set` key that names no preset field, as the override's own error with the
+    closest whole key (`train.epoch` -> `train.epochs`), not as the preset file's."""
+    cls: Any = Preset
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        if part not in fields:
+            break
+        inner = _dataclass_in(typing.get_type_hints(cls)[part])
+        if inner is None:  # a value (or a free mapping such as `reference`): nothing to walk
+            if depth == len(parts) - 1 or _is_mapping(typing.get_type_hints(cls)[part]):
+                return
+            break
+        cls = inner
+    else:
+        return
+    key = ".".join(parts)
+    close = closest(key, _keys(Preset))
+    raise PresetError(
+        f"--set {item}: unknown key '{key}'.",
+        hint=f"Did you mean '{close}'?"
+        if close
+        else f"Keys start with one of: {', '.join(f.name for f in dataclasses.fields(Preset))}.",
+    )
+
+
+def _dataclass_in(tp: Any) -> Any:
+    """The dataclass a field holds (`TeacherRef | None` -> TeacherRef), else None."""
+    for candidate in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _is_mapping(tp: Any) -> bool:
+    return (typing.get_origin(tp) or tp) is dict
+
+
+def _keys(cls: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a preset, sections included."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls) if f.init}:
+            continue
+        keys.append(prefix + name)
+        inner = _dataclass_in(tp)
+        if inner is not None:
+            keys += _keys(inner, f"{prefix}{name}.")
+    return keys
