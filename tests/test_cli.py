@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -193,7 +194,20 @@ def teacher_run(tmp_path_factory):
     lines = result.output.splitlines()
     assert any(line.startswith("epoch 1  iter 3/3") and "giou" in line for line in lines)
     assert not any(line.startswith("train ━") for line in lines)
+    # the closing line names every file the run wrote, and the resumable state
+    named = " ".join(result.output.split()).split(f"Files in {out}: ")[1]
+    for name in ("best.safetensors", "last.safetensors", "results.csv", "metrics.json",
+                 "log.jsonl", "preset.yaml", "config.yaml", "results.png", "last/"):  # fmt: skip
+        assert name in named and (out / name.rstrip("/")).exists(), name
     return out
+
+
+def test_a_teacher_runs_preset_yaml_holds_no_teacher_or_distill_section(teacher_run):
+    """A detector trains alone: its recorded settings say nothing of distillation (and still
+    resume, the sections taking their defaults)."""
+    recorded = yaml.safe_load((teacher_run / "preset.yaml").read_text())
+    assert "distill" not in recorded and "teacher" not in recorded
+    assert {"model", "data", "train"} <= set(recorded)
 
 
 def test_teacher_run_leaves_config_results_and_two_checkpoints(teacher_run):

@@ -28,8 +28,10 @@ def print_run_summary(console: Console, run: RunDir, state: TrainerState) -> Non
     console.print(metrics_table(state.metrics, f"Run {run.root}"))
     pictures = [p.name for p in (run.root / "results.png", run.root / "prediction_gap.png")]
     pictures = [name for name in pictures if (run.root / name).is_file()]
+    files = [run.best, run.last, run.results, run.metrics, run.log, run.preset, run.config]
+    names = [p.name for p in files if p.is_file()] + pictures + [f"{run.state.name}/"]
     console.print(
         f"{state.iteration} iterations in {state.wall_time / 60:.1f} min; best AP "
-        f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files: {run.best.name}, {run.last.name}, "
-        f"{run.results.name}, {', '.join([*pictures, run.preset.name])}, {run.config.name}."
+        f"{state.best_ap:.1f} (epoch {state.best_epoch}). Files in {run.root}: "
+        f"{', '.join(names)} (the resumable state)."
     )

@@ -94,7 +94,10 @@ def write_record(
         del plain["teacher"]
     if schedule is not None:
         plain["schedule"] = schedule
-    _write_if_changed(run.preset, yaml.safe_dump(to_plain(preset), sort_keys=False))
+    settings = to_plain(preset)
+    if not preset.is_pair:  # a detector's run: no teacher, nothing distilled
+        del settings["teacher"], settings["distill"]
+    _write_if_changed(run.preset, yaml.safe_dump(settings, sort_keys=False))
     _write_if_changed(run.config, header + yaml.safe_dump(plain, sort_keys=False))
 
 
