@@ -215,6 +215,10 @@ def test_a_file_of_another_architecture_names_each_misshapen_key(mmdet_file, tmp
     assert "bbox_head.cls_convs.0.conv.weight: file (32, 32, 3, 3) vs model (64, 32, 3, 3)" in (
         result.output
     )
+    # every tower weight mismatches: the table shows the first of them and counts the rest
+    rows = [line for line in result.output.splitlines() if line.startswith("│ shape differs")]
+    assert len(rows) == 9 and rows[-1].split("│")[2].strip() == "... and 18 more"
+    assert "26 shape differs" in result.output  # the error counts them all
 
 
 def test_classes_that_are_not_cocos_need_the_data_to_know_their_ids(tmp_path):

@@ -179,11 +179,18 @@ def import_weights(
     )
 
 
+PROBLEM_ROWS = 8  # keys shown per kind of problem: the first ones say what went wrong
+
+
 def _problem_table(report) -> Table:
+    """The keys that did not import, the first PROBLEM_ROWS of each kind (a file of another
+    architecture mismatches hundreds: the error after the table names the counts)."""
     table = Table(title="Keys that did not import", title_justify="left")
     table.add_column("problem")
     table.add_column("key")
     for kind, keys in report.problems:
-        for key in keys:
+        for key in keys[:PROBLEM_ROWS]:
             table.add_row(kind, key)
+        if len(keys) > PROBLEM_ROWS:
+            table.add_row(kind, f"[dim]... and {len(keys) - PROBLEM_ROWS} more[/]")
     return table
