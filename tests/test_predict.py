@@ -243,6 +243,7 @@ def test_export_writes_a_file_whose_raw_outputs_equal_the_models(two_checkpoints
     result = invoke("export", checkpoints[1], "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
     assert f"Wrote {out}" in result.output and "max abs diff to PyTorch" in result.output
+    assert "[torch.onnx]" not in result.output  # the exporter's progress lines stay out
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["class_names"] == ["cat", "dog"] and sidecar["category_ids"] == [3, 7]
     assert sidecar["outputs"] == [f"{kind}_p{k}" for kind in ("cls", "box") for k in range(3, 8)]

@@ -163,6 +163,7 @@ def export_checkpoint(checkpoint: Path, out: Path, fmt: str, nms: bool = False) 
                 input_names=["images", "image_sizes"],
                 output_names=names,
                 external_data=False,
+                verbose=False,  # its "[torch.onnx] ..." progress lines are not ours to print
             )
             got = _run_onnx(tmp, images, sizes)
     if nms:
