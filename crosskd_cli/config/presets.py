@@ -286,26 +286,17 @@ def apply_override(raw: dict, item: str) -> None:
 def _check_override_key(parts: list[str], item: str) -> None:
     """Refuse a `--set` key that names no preset field, as the override's own error with the
     closest whole key (`train.epoch` -> `train.epochs`), not as the preset file's."""
-    cls: Any = Preset
-    for depth, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        if part not in fields:
-            break
-        inner = _dataclass_in(typing.get_type_hints(cls)[part])
-        if inner is None:  # a value (or a free mapping such as `reference`): nothing to walk
-            if depth == len(parts) - 1 or _is_mapping(typing.get_type_hints(cls)[part]):
-                return
-            break
-        cls = inner
-    else:
-        return
     key = ".".join(parts)
-    close = closest(key, _keys(Preset))
+    keys, mappings = _keys(Preset)
+    if key in keys or any(key.startswith(f"{mapping}.") for mapping in mappings):
+        return
+    close = closest(key, keys)
+    sections = [k for k in keys if "." not in k]
     raise PresetError(
         f"--set {item}: unknown key '{key}'.",
         hint=f"Did you mean '{close}'?"
         if close
-        else f"Keys start with one of: {', '.join(f.name for f in dataclasses.fields(Preset))}.",
+        else f"Keys start with one of: {', '.join(sections)}.",
     )
 
 
@@ -317,18 +308,18 @@ def _dataclass_in(tp: Any) -> Any:
     return None
 
 
-def _is_mapping(tp: Any) -> bool:
-    return (typing.get_origin(tp) or tp) is dict
-
-
-def _keys(cls: Any, prefix: str = "") -> list[str]:
-    """Every settable dotted key of a preset, sections included."""
-    keys = []
-    for name, tp in typing.get_type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls) if f.init}:
-            continue
-        keys.append(prefix + name)
-        inner = _dataclass_in(tp)
-        if inner is not None:
-            keys += _keys(inner, f"{prefix}{name}.")
-    return keys
+def _keys(cls: Any, prefix: str = "") -> tuple[list[str], list[str]]:
+    """Every settable dotted key of a preset (sections included), and those of them that are
+    free mappings (`reference`: any key below goes)."""
+    keys, mappings = [], []
+    hints = typing.get_type_hints(cls)
+    for spec in (f for f in dataclasses.fields(cls) if f.init):
+        key, tp = prefix + spec.name, hints[spec.name]
+        keys.append(key)
+        if (typing.get_origin(tp) or tp) is dict:
+            mappings.append(key)
+        if (inner := _dataclass_in(tp)) is not None:
+            sub_keys, sub_mappings = _keys(inner, f"{key}.")
+            keys += sub_keys
+            mappings += sub_mappings
+    return keys, mappings

@@ -19,7 +19,7 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
     torch.export, ONNX, PIL, csv): when the block ends it replaces `path` in one rename; on an
     error it is removed. A reader never sees half a file and a crash leaves the previous one.
 
-    The temporary name, `.NAME.XXXXXXXX.tmpSUFFIX`, is unique (two writers never share one) and
+    The temporary name, `.NAME.<random>.tmpSUFFIX`, is unique (two writers never share one) and
     ends in the file's suffix (writers that infer the format from it). `durable`: its data
     reach the disk before the rename and the rename after it, so a power cut cannot leave an
     empty file in its place (checkpoints, records, the state marker); files that are only
@@ -48,7 +48,7 @@ def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
 
 def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of earlier writes of `path` that a kill left behind (`atomic_path`'s
-    names, and the `.NAME.XXXXXXXX.tmp` of crosskd 0.2's checkpoints); only for a file that
+    names, and the `.NAME.<random>.tmp` of crosskd 0.2's checkpoints); only for a file that
     one writer at a time writes (the run folder's lock makes the others stale)."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
         stale.unlink(missing_ok=True)
